@@ -1,0 +1,147 @@
+"""The kernel backend switch: which implementation serves each fused op.
+
+Backend names:
+
+- ``"eager"``: the PyTorch reference implementations (``*_ref.py``); always available.
+- ``"triton"``: the fused Triton kernels. Served for CUDA tensors, and for CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported (the interpreter the tests use).
+  An explicit request that cannot be served raises :class:`BackendUnavailableError` saying why.
+- ``"auto"``: Triton for CUDA tensors when it can serve the op, eager otherwise. Never raises.
+
+Which name applies to a call, highest precedence first: the ``backend=`` argument of the op (modules
+pass their own ``backend=`` here), the innermost :func:`use_backend` block, :func:`set_backend`, the
+``MXA_BACKEND`` environment variable, and finally ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+BACKENDS = ("eager", "triton", "auto")
+ENV_VAR = "MXA_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve the call."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str | None  # why the backend is unusable; None when it is available
+
+
+# Triton implementations, by op name, registered by the kernel modules (one file per fused op).
+_TRITON_OPS: dict[str, Callable] = {}
+_selected: str | None = None  # set by set_backend / use_backend; None defers to the env var
+
+
+def check_backend_name(name: str) -> str:
+    """Return ``name`` if it names a backend, else raise ValueError listing the valid names."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every op call that does not pass its own ``backend=``."""
+    global _selected
+    _selected = check_backend_name(name)
+
+
+def get_backend() -> str:
+    """The backend that applies to calls without their own ``backend=`` argument."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR}={env!r} is not a kernel backend; "
+                             f"expected one of {', '.join(BACKENDS)}")
+        return env
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select ``name`` inside a ``with`` block and restore the previous selection after it."""
+    global _selected
+    previous = _selected
+    _selected = check_backend_name(name)
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def register_triton_op(name: str, fn: Callable) -> None:
+    """Called by a kernel module to make its fused implementation of op ``name`` available."""
+    _TRITON_OPS[name] = fn
+
+
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton; Linux only)"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # an installed but broken triton must not break the eager path
+        return f"triton failed to import: {exc}"
+    return None
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(op: str, device: torch.device | str) -> str | None:
+    """Why the Triton backend cannot serve ``op`` on ``device``, or None if it can."""
+    device = torch.device(device)
+    error = _triton_import_error()
+    if error:
+        return error
+    if op not in _TRITON_OPS:
+        return f"no Triton kernel is registered for op {op!r}"
+    if device.type == "cuda" or (device.type == "cpu" and _interpreter_on()):
+        return None
+    if device.type == "cpu":
+        return ("the tensors are on the CPU: Triton kernels run on CUDA devices, or on the CPU through "
+                "the interpreter when TRITON_INTERPRET=1 is set before triton is imported")
+    return f"Triton kernels do not run on {device.type} devices"
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device | str) -> str:
+    """The implementation ("eager" or "triton") that serves one call of ``op`` on ``device``."""
+    name = check_backend_name(requested) if requested is not None else get_backend()
+    if name == "eager":
+        return "eager"
+    reason = triton_unavailable_reason(op, device)
+    if name == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f"kernel backend 'triton' cannot serve {op} on {device}: {reason}")
+        return "triton"
+    return "triton" if reason is None and torch.device(device).type == "cuda" else "eager"
+
+
+def dispatch(op: str, requested: str | None, device: torch.device | str, eager_fn: Callable) -> Callable:
+    """The function that serves one call of ``op``: ``eager_fn`` or the registered Triton op."""
+    if resolve_backend(op, requested, device) == "eager":
+        return eager_fn
+    return _TRITON_OPS[op]
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Each backend name and whether it can serve anything on this machine (if not, why)."""
+    triton_reason = _triton_import_error()
+    if triton_reason is None and not _TRITON_OPS:
+        triton_reason = "no Triton kernel is registered yet"
+    if triton_reason is None and not (torch.cuda.is_available() or _interpreter_on()):
+        triton_reason = "no CUDA device, and the Triton interpreter is off (TRITON_INTERPRET=1)"
+    return {
+        "eager": BackendStatus(True, None),
+        "triton": BackendStatus(triton_reason is None, triton_reason),
+        "auto": BackendStatus(True, None),
+    }

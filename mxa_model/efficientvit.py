@@ -1,0 +1,320 @@
+"""MXA-EfficientViT: timm's EfficientViT (MSRA) with an MXA branch beside every attention block.
+
+The backbone is built from timm's ``efficientvit_msra`` modules, so its parameter names and shapes are
+timm's and a timm ``efficientvit_m*`` state_dict loads with only the MXA-specific keys missing.
+Registered with timm as ``mxa_efficientvit_m0`` ... ``mxa_efficientvit_m5`` on ``import mxa_model``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import get_device_dtype, to_2tuple
+from timm.models import adapt_input_conv, build_model_with_cfg, load_state_dict
+from timm.models._registry import generate_default_cfgs, register_model
+from timm.models.efficientvit_msra import (
+    EfficientVitBlock,
+    EfficientVitMsra,
+    NormLinear,
+    checkpoint_filter_fn,
+)
+
+import mxa_kernels
+from .mxa import MedicalXRayAttention
+
+FUSIONS = ("sum", "gate")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint file does not hold weights for the model it is loaded into."""
+
+
+class MXAEfficientVitBlock(EfficientVitBlock):
+    """timm's EfficientViT block whose token mixer also runs an MXA branch in parallel.
+
+    The mixer computes ``x + attn(x) + mxa(x)`` (``fusion="sum"``) or
+    ``x + s * attn(x) + (1 - s) * mxa(x)`` with ``s = sigmoid(alpha)`` (``fusion="gate"``; ``alpha``
+    starts at 0.5 as in the authors' code). timm's ``mixer`` (a residual around its
+    ``LocalWindowAttention``) keeps its parameter names; the residual sum is formed here.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        window_resolution: int,
+        kernels: Sequence[int],
+        fusion: str = "sum",
+        roi_mode: str = "crop",
+        mxa_reduction: int = 16,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(dim, key_dim, num_heads, attn_ratio, resolution, window_resolution, list(kernels), **dd)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
+        self.fusion = fusion
+        self.mxa = MedicalXRayAttention(dim, mxa_reduction, roi_mode=roi_mode, backend=backend, **dd)
+        if fusion == "gate":
+            self.alpha = nn.Parameter(torch.tensor(0.5, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ffn0(self.dw0(x))
+        attn, local = self.mixer.m(x), self.mxa(x)
+        if self.fusion == "sum":
+            x = x + attn + local
+        else:
+            s = torch.sigmoid(self.alpha)
+            x = x + s * attn + (1 - s) * local
+        return self.ffn1(self.dw1(x))
+
+
+class MXAEfficientVit(EfficientVitMsra):
+    """EfficientViT (MSRA) with MXA in every attention block, for multi-label chest X-ray classification.
+
+    Args (beyond timm's ``EfficientVitMsra``):
+        roi_mode: MXA ROI mode, ``"crop"`` (the authors') or ``"align"`` (differentiable).
+        fusion: how attention and MXA join, ``"sum"`` or ``"gate"`` (see :class:`MXAEfficientVitBlock`).
+        mxa_reduction: channel-attention reduction of the MXA branches.
+        distilled: add a second (distillation) head, DeiT-style: in training the forward returns
+            ``(class_logits, distillation_logits)``, in eval their average.
+        backend: kernel backend for every fused op of the model, or None to follow the global selection.
+
+    Inputs must be ``(B, in_chans, *img_size)``; :meth:`set_input_size` changes the size.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 1,
+        num_classes: int = 14,
+        roi_mode: str = "crop",
+        fusion: str = "sum",
+        mxa_reduction: int = 16,
+        distilled: bool = False,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **kwargs, **dd)
+        self.input_hw = to_2tuple(img_size)
+        for stage in self.stages:
+            stage.blocks = nn.Sequential(*(
+                self._mxa_block(block, fusion, roi_mode, mxa_reduction, backend, dd) for block in stage.blocks
+            ))
+        self.head_dist = self._new_head_dist() if distilled else None
+
+    @staticmethod
+    def _mxa_block(block: EfficientVitBlock, fusion, roi_mode, mxa_reduction, backend, dd) -> MXAEfficientVitBlock:
+        """An MXA block with the same attention configuration as timm's ``block``."""
+        window_attn = block.mixer.m
+        attn = window_attn.attn
+        return MXAEfficientVitBlock(
+            window_attn.dim, attn.key_dim, window_attn.num_heads, attn.attn_ratio, window_attn.resolution,
+            window_attn.window_resolution, [dw.conv.kernel_size[0] for dw in attn.dws],
+            fusion=fusion, roi_mode=roi_mode, mxa_reduction=mxa_reduction, backend=backend, **dd,
+        )
+
+    @property
+    def distilled(self) -> bool:
+        return self.head_dist is not None
+
+    def mxa_modules(self) -> list[MedicalXRayAttention]:
+        return [m for m in self.modules() if isinstance(m, MedicalXRayAttention)]
+
+    def set_backend(self, backend: str | None) -> None:
+        """Set the kernel backend of every fused op in the model (None: follow the global selection)."""
+        if backend is not None:
+            mxa_kernels.check_backend_name(backend)
+        for module in self.mxa_modules():
+            module.backend = backend
+
+    def set_input_size(self, img_size=None) -> None:
+        super().set_input_size(img_size)
+        if img_size is not None:
+            self.input_hw = to_2tuple(img_size)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.head_dist is not None:
+            self.head_dist = self._new_head_dist()
+            self.head_dist.train(self.training)
+
+    def _new_head_dist(self) -> nn.Module:
+        if self.num_classes == 0:  # a feature extractor: both heads are identities, as in timm
+            return nn.Identity()
+        return NormLinear(self.head_hidden_size, self.num_classes, drop=self.drop_rate, **get_device_dtype(self))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor of images, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (B = 0)")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"the model was built for {self.in_chans}-channel images (in_chans), "
+                             f"got {x.shape[1]} channels")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images, got {x.dtype}")
+        if tuple(x.shape[2:]) != self.input_hw:
+            h, w = self.input_hw
+            raise ValueError(f"the model was built for {h}x{w} images, got {x.shape[2]}x{x.shape[3]}: "
+                             f"resize the images, or build the model with img_size=({x.shape[2]}, {x.shape[3]}) "
+                             f"or call model.set_input_size(({x.shape[2]}, {x.shape[3]}))")
+        weight = self.patch_embed.conv1.conv.weight
+        if x.device != weight.device:
+            raise ValueError(f"the images are on {x.device} but the model is on {weight.device}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return super().forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        x = self.global_pool(x)
+        if pre_logits:
+            return x
+        logits = self.head(x)
+        if self.head_dist is None or self.num_classes == 0:
+            return logits
+        dist_logits = self.head_dist(x)
+        if self.training:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2
+
+
+def _is_mxa_only_key(key: str) -> bool:
+    return ".mxa." in key or key.endswith(".alpha") or key.startswith("head_dist.")
+
+
+def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Load a timm ``efficientvit_m*`` or project checkpoint (``torch.save`` or safetensors) into ``model``.
+
+    Checkpoints are read with ``weights_only=True``. A 3-channel stem is adapted to ``in_chans``
+    (timm's ``adapt_input_conv``); classifier weights of another class count are left out; attention
+    biases of another window size are resized. Any other difference raises
+    :class:`CheckpointMismatchError` naming the keys. Returns the keys left at initialization
+    (``missing``: the MXA branches, gates, distillation head; ``skipped``: a dropped classifier).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = load_state_dict(path)
+    except Exception as exc:
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"checkpoint {path} does not hold a state_dict of tensors")
+    target = model.state_dict()
+    stem = "patch_embed.conv1.conv.weight"
+    skipped = []
+    for key in list(state):
+        if key not in target or state[key].shape == target[key].shape:
+            continue
+        have, want = state[key].shape, target[key].shape
+        if key.startswith(("head.", "head_dist.")):
+            skipped.append(key)
+            del state[key]
+        elif not ((key == stem and have[0] == want[0] and have[2:] == want[2:])
+                  or (key.endswith("attention_biases") and have[0] == want[0])):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit this model: {key} has shape {tuple(have)}, "
+                f"the model expects {tuple(want)} (another EfficientViT variant?)")
+    state = checkpoint_filter_fn(state, model)  # resizes attention biases to the model's windows
+    if stem in state and state[stem].shape[1] != model.in_chans:
+        state[stem] = adapt_input_conv(model.in_chans, state[stem], base_chans=state[stem].shape[1])
+    # Checked before loading, so that a refused checkpoint leaves the model untouched.
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state and k not in skipped]
+    not_ours = [k for k in missing if not _is_mxa_only_key(k)]
+    if unexpected or not_ours:
+        keys = unexpected or not_ours
+        kind = "unexpected keys" if unexpected else "missing backbone keys"
+        raise CheckpointMismatchError(f"checkpoint {path} is not an EfficientViT checkpoint for this model: "
+                                      f"{len(keys)} {kind} ({', '.join(keys[:5])}, ...)")
+    model.load_state_dict(state, strict=False)
+    return {"missing": missing, "skipped": skipped}
+
+
+def _cfg(**kwargs):
+    return {
+        "url": "",
+        "num_classes": 14,
+        "input_size": (1, 224, 224),
+        "mean": (0.0,),
+        "std": (1.0,),
+        "first_conv": "patch_embed.conv1.conv",
+        "classifier": "head.linear",
+        "fixed_input_size": True,
+        "pool_size": (4, 4),
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# The EfficientViT-M0..M5 configurations (timm's efficientvit_m* and the EfficientViT paper).
+VARIANTS = {
+    "mxa_efficientvit_m0": dict(embed_dim=(64, 128, 192), depth=(1, 2, 3), num_heads=(4, 4, 4), kernels=(5, 5, 5, 5)),
+    "mxa_efficientvit_m1": dict(embed_dim=(128, 144, 192), depth=(1, 2, 3), num_heads=(2, 3, 3), kernels=(7, 5, 3, 3)),
+    "mxa_efficientvit_m2": dict(embed_dim=(128, 192, 224), depth=(1, 2, 3), num_heads=(4, 3, 2), kernels=(7, 5, 3, 3)),
+    "mxa_efficientvit_m3": dict(embed_dim=(128, 240, 320), depth=(1, 2, 3), num_heads=(4, 3, 4), kernels=(5, 5, 5, 5)),
+    "mxa_efficientvit_m4": dict(embed_dim=(128, 256, 384), depth=(1, 2, 3), num_heads=(4, 4, 4), kernels=(7, 5, 3, 3)),
+    "mxa_efficientvit_m5": dict(embed_dim=(192, 288, 384), depth=(1, 3, 4), num_heads=(3, 3, 4), kernels=(7, 5, 3, 3)),
+}
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+
+
+def _create(variant: str, pretrained: bool = False, pretrained_file: str | None = None, **kwargs) -> MXAEfficientVit:
+    if pretrained:
+        raise ValueError(f"no pretrained weights are published for {variant}; pass pretrained_file=PATH "
+                         "(a timm efficientvit_m* or project checkpoint)")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2))
+    model = build_model_with_cfg(
+        MXAEfficientVit, variant, pretrained=False,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **dict(VARIANTS[variant], **kwargs),
+    )
+    if pretrained_file is not None:
+        load_pretrained_file(model, pretrained_file)
+    return model
+
+
+@register_model
+def mxa_efficientvit_m0(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m0", pretrained, **kwargs)
+
+
+@register_model
+def mxa_efficientvit_m1(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m1", pretrained, **kwargs)
+
+
+@register_model
+def mxa_efficientvit_m2(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m2", pretrained, **kwargs)
+
+
+@register_model
+def mxa_efficientvit_m3(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m3", pretrained, **kwargs)
+
+
+@register_model
+def mxa_efficientvit_m4(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m4", pretrained, **kwargs)
+
+
+@register_model
+def mxa_efficientvit_m5(pretrained=False, **kwargs):
+    return _create("mxa_efficientvit_m5", pretrained, **kwargs)

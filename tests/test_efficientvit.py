@@ -1,0 +1,187 @@
+import pytest
+import timm
+import torch
+
+import mxa_model
+from mxa_model import CheckpointMismatchError, MXAEfficientVitBlock
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_paper_parameter_counts():
+    assert n_params(timm.create_model("efficientvit_m5", num_classes=14)) == 12_094_162
+    assert n_params(mxa_model.create_model("mxa_efficientvit_m5", in_chans=1, num_classes=14)) == 16_149_010
+    assert n_params(mxa_model.create_model("mxa_efficientvit_m5", in_chans=1, num_classes=14,
+                                           distilled=True)) == 16_155_168
+
+
+def test_registered_with_timm_for_every_variant():
+    assert mxa_model.list_models() == [f"mxa_efficientvit_m{i}" for i in range(6)]
+    for name in mxa_model.list_models():
+        assert timm.is_model(name)
+    model = timm.create_model("mxa_efficientvit_m1", img_size=64)
+    blocks = [m for m in model.modules() if isinstance(m, MXAEfficientVitBlock)]
+    assert len(blocks) == sum(mxa_model.VARIANTS["mxa_efficientvit_m1"]["depth"])
+    assert all(isinstance(b.mixer.m, timm.models.efficientvit_msra.LocalWindowAttention) for b in blocks)
+    assert all(hasattr(b, "mxa") for b in blocks)
+    with pytest.raises(ValueError, match="unknown model 'mxa_efficientvit_m9'"):
+        mxa_model.create_model("mxa_efficientvit_m9")
+    with pytest.raises(ValueError, match="pretrained_file"):
+        mxa_model.create_model("mxa_efficientvit_m0", pretrained=True)
+
+
+def test_backbone_keys_are_timms():
+    ours = mxa_model.create_model("mxa_efficientvit_m0").state_dict()
+    theirs = timm.create_model("efficientvit_m0", in_chans=1, num_classes=14).state_dict()
+    assert {k: v.shape for k, v in ours.items() if ".mxa." not in k} == {k: v.shape for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("in_chans,num_classes", [(1, 14), (3, 1000)])
+def test_timm_state_dict_loads_with_only_mxa_keys_missing(tmp_path, in_chans, num_classes):
+    timm_model = timm.create_model("efficientvit_m0", in_chans=in_chans, num_classes=num_classes)
+    for p in timm_model.parameters():
+        torch.nn.init.normal_(p)
+    path = tmp_path / "efficientvit_m0.pth"
+    torch.save(timm_model.state_dict(), path)
+    model = mxa_model.create_model("mxa_efficientvit_m0", in_chans=1, num_classes=14)
+    report = mxa_model.load_pretrained_file(model, path)
+    assert report["missing"] and all(".mxa." in k for k in report["missing"])
+    ours = model.state_dict()
+    for key, value in timm_model.state_dict().items():
+        if key == "patch_embed.conv1.conv.weight" and in_chans == 3:
+            torch.testing.assert_close(ours[key], value.sum(dim=1, keepdim=True))  # timm's adapt_input_conv
+        elif key.startswith("head.") and num_classes != 14:
+            assert key in report["skipped"] or ours[key].shape == value.shape
+        else:
+            torch.testing.assert_close(ours[key], value, msg=key)
+
+
+def test_pretrained_file_argument_and_project_checkpoint(tmp_path):
+    source = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, fusion="gate", distilled=True)
+    path = tmp_path / "project.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, fusion="gate", distilled=True,
+                                   pretrained_file=str(path))
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_checkpoints_of_other_models_are_refused(tmp_path):
+    model = mxa_model.create_model("mxa_efficientvit_m0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other_variant = tmp_path / "m5.pth"
+    torch.save(timm.create_model("efficientvit_m5").state_dict(), other_variant)
+    with pytest.raises(CheckpointMismatchError, match="another EfficientViT variant"):
+        mxa_model.load_pretrained_file(model, other_variant)
+    other_model = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), other_model)
+    with pytest.raises(CheckpointMismatchError, match="unexpected keys"):
+        mxa_model.load_pretrained_file(model, other_model)
+    with pytest.raises(FileNotFoundError, match="no_such.pth"):
+        mxa_model.load_pretrained_file(model, tmp_path / "no_such.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="cannot read checkpoint"):
+        mxa_model.load_pretrained_file(model, corrupt)
+    truncated = tmp_path / "truncated.pth"
+    partial = {k: v for k, v in timm.create_model("efficientvit_m0").state_dict().items() if "stages.2" not in k}
+    torch.save(partial, truncated)
+    with pytest.raises(CheckpointMismatchError, match="missing backbone keys"):
+        mxa_model.load_pretrained_file(model, truncated)
+    for key, value in model.state_dict().items():  # nothing was loaded from the refused files
+        torch.testing.assert_close(value, before[key])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('payload ran')",))
+
+
+def test_pickle_payload_is_refused_without_running(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Payload()}, path)
+    with pytest.raises(CheckpointMismatchError, match="cannot read checkpoint"):
+        mxa_model.load_pretrained_file(mxa_model.create_model("mxa_efficientvit_m0"), path)
+
+
+@pytest.mark.parametrize("fusion", mxa_model.FUSIONS)
+@pytest.mark.parametrize("roi_mode", ["crop", "align"])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_m0_forward_backward_at_a_small_size(fusion, roi_mode, in_chans):
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=80, in_chans=in_chans, fusion=fusion,
+                                   roi_mode=roi_mode)
+    x = torch.randn(2, in_chans, 80, 80)
+    out = model(x)
+    assert out.shape == (2, 14)
+    out.sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["patch_embed.conv1.conv.weight"] is not None
+    mxa_grads = [g for name, g in grads.items() if ".mxa.roi_predictor." in name]
+    assert all((g is not None) == (roi_mode == "align") for g in mxa_grads)
+    assert all(g is not None for name, g in grads.items() if ".mxa.spatial_attention" in name)
+    alphas = [g for name, g in grads.items() if name.endswith(".alpha")]
+    assert len(alphas) == (6 if fusion == "gate" else 0) and all(g is not None for g in alphas)
+
+
+def test_fusions_compute_their_formula():
+    block = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, fusion="gate").stages[0].blocks[0]
+    block.eval()
+    for p in block.parameters():  # timm zero-initializes some BatchNorms; make every path count
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        h = block.ffn0(block.dw0(x))
+        s = torch.sigmoid(block.alpha)
+        mixed = h + s * block.mixer.m(h) + (1 - s) * block.mxa(h)
+        torch.testing.assert_close(block(x), block.ffn1(block.dw1(mixed)))
+        block.fusion = "sum"
+        torch.testing.assert_close(block(x), block.ffn1(block.dw1(h + block.mixer.m(h) + block.mxa(h))))
+
+
+def test_distilled_heads():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, distilled=True)
+    x = torch.randn(3, 1, 64, 64)
+    cls, dist = model(x)
+    assert cls.shape == dist.shape == (3, 14)
+    model.eval()
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(model(x), (model.head(features) + model.head_dist(features)) / 2)
+    model.reset_classifier(5)
+    assert model(x).shape == (3, 5)
+    model.train().reset_classifier(0)  # a feature extractor returns the pooled features
+    assert model(x).shape == (3, model.num_features)
+
+
+def test_other_image_sizes_and_resizing():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=(96, 64)).eval()
+    assert model(torch.randn(1, 1, 96, 64)).shape == (1, 14)
+    with pytest.raises(ValueError, match=r"built for 96x64 images, got 64x64.*set_input_size"):
+        model(torch.randn(1, 1, 64, 64))
+    model.set_input_size((64, 64))
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 14)
+
+
+def test_bad_input_raises_clear_errors():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(1, 64, 64))
+    with pytest.raises(ValueError, match="1-channel images .*got 3 channels"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="empty batch"):
+        model(torch.randn(0, 1, 64, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="tensor"):
+        model([[0.0]])
+    with pytest.raises(ValueError, match="unknown fusion"):
+        mxa_model.create_model("mxa_efficientvit_m0", fusion="concat")
+
+
+def test_nan_input_gives_nan_output_without_crashing():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    x[0, 0, 10, 10] = float("nan")
+    out = model(x)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
