@@ -63,5 +63,5 @@ def mxa_branch(
     """The MXA branch after the ROI predictor (see :func:`mxa_branch_ref` for the arguments), served by
     the backend that ``backend`` (or the global selection, see :mod:`mxa_kernels.backend`) resolves to."""
     _check_mxa_branch_args(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
-    fn = _backend.dispatch("mxa_branch", backend, x.device, mxa_branch_ref)
-    return fn(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
+    args = (x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
+    return _backend.dispatch("mxa_branch", backend, mxa_branch_ref, args)(*args)

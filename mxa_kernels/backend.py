@@ -16,6 +16,8 @@ pass their own ``backend=`` here), the innermost :func:`use_backend` block, :fun
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import importlib.util
 import os
 from typing import Callable, Iterator, NamedTuple
@@ -35,9 +37,15 @@ class BackendStatus(NamedTuple):
     reason: str | None  # why the backend is unusable; None when it is available
 
 
+class _TritonOp(NamedTuple):
+    fn: Callable
+    unsupported: Callable[..., str | None] | None  # why the kernel cannot serve given arguments, or None
+
+
 # Triton implementations, by op name, registered by the kernel modules (one file per fused op).
-_TRITON_OPS: dict[str, Callable] = {}
-_selected: str | None = None  # set by set_backend / use_backend; None defers to the env var
+_TRITON_OPS: dict[str, _TritonOp] = {}
+_selected: str | None = None  # set by set_backend; None defers to the environment variable
+_in_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("mxa_backend_block", default=None)
 
 
 def check_backend_name(name: str) -> str:
@@ -48,13 +56,17 @@ def check_backend_name(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op call that does not pass its own ``backend=``."""
+    """Select the backend for every op call that does not pass its own ``backend=`` and is not inside
+    a :func:`use_backend` block."""
     global _selected
     _selected = check_backend_name(name)
 
 
 def get_backend() -> str:
     """The backend that applies to calls without their own ``backend=`` argument."""
+    name = _in_block.get()
+    if name is not None:
+        return name
     if _selected is not None:
         return _selected
     env = os.environ.get(ENV_VAR)
@@ -68,22 +80,26 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Select ``name`` inside a ``with`` block and restore the previous selection after it."""
-    global _selected
-    previous = _selected
-    _selected = check_backend_name(name)
+    """Select ``name`` inside a ``with`` block (per thread and task; nested blocks stack)."""
+    token = _in_block.set(check_backend_name(name))
     try:
         yield
     finally:
-        _selected = previous
+        _in_block.reset(token)
 
 
-def register_triton_op(name: str, fn: Callable) -> None:
-    """Called by a kernel module to make its fused implementation of op ``name`` available."""
-    _TRITON_OPS[name] = fn
+def register_triton_op(name: str, fn: Callable, unsupported: Callable[..., str | None] | None = None) -> None:
+    """Called by a kernel module to make its fused implementation of op ``name`` available.
+
+    ``unsupported(*args)`` says why the kernel cannot serve particular arguments (None if it can):
+    an explicit "triton" request then raises with that reason, "auto" falls back to eager.
+    """
+    _TRITON_OPS[name] = _TritonOp(fn, unsupported)
 
 
-def _triton_import_error() -> str | None:
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why triton cannot be imported here, or None (checked once per process)."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton; Linux only)"
     try:
@@ -97,47 +113,46 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_unavailable_reason(op: str, device: torch.device | str) -> str | None:
-    """Why the Triton backend cannot serve ``op`` on ``device``, or None if it can."""
-    device = torch.device(device)
-    error = _triton_import_error()
-    if error:
-        return error
+def triton_unavailable_reason(op: str, device: torch.device | str, args: tuple = ()) -> str | None:
+    """Why the Triton backend cannot serve ``op`` on ``device`` (with arguments ``args``), or None."""
     if op not in _TRITON_OPS:
-        return f"no Triton kernel is registered for op {op!r}"
-    if device.type == "cuda" or (device.type == "cpu" and _interpreter_on()):
-        return None
-    if device.type == "cpu":
+        return triton_import_error() or f"no Triton kernel is registered for op {op!r}"
+    device = torch.device(device)
+    if device.type == "cpu" and not _interpreter_on():
         return ("the tensors are on the CPU: Triton kernels run on CUDA devices, or on the CPU through "
                 "the interpreter when TRITON_INTERPRET=1 is set before triton is imported")
-    return f"Triton kernels do not run on {device.type} devices"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {device.type} devices"
+    unsupported = _TRITON_OPS[op].unsupported
+    return unsupported(*args) if unsupported is not None and args else None
 
 
-def resolve_backend(op: str, requested: str | None, device: torch.device | str) -> str:
+def resolve_backend(op: str, requested: str | None, device: torch.device | str, args: tuple = ()) -> str:
     """The implementation ("eager" or "triton") that serves one call of ``op`` on ``device``."""
     name = check_backend_name(requested) if requested is not None else get_backend()
     if name == "eager":
         return "eager"
-    reason = triton_unavailable_reason(op, device)
-    if name == "triton":
-        if reason is not None:
-            raise BackendUnavailableError(f"kernel backend 'triton' cannot serve {op} on {device}: {reason}")
-        return "triton"
-    return "triton" if reason is None and torch.device(device).type == "cuda" else "eager"
+    if name == "auto" and torch.device(device).type != "cuda":
+        return "eager"
+    reason = triton_unavailable_reason(op, device, args)
+    if name == "triton" and reason is not None:
+        raise BackendUnavailableError(f"kernel backend 'triton' cannot serve {op} on {device}: {reason}")
+    return "eager" if reason is not None else "triton"
 
 
-def dispatch(op: str, requested: str | None, device: torch.device | str, eager_fn: Callable) -> Callable:
-    """The function that serves one call of ``op``: ``eager_fn`` or the registered Triton op."""
-    if resolve_backend(op, requested, device) == "eager":
+def dispatch(op: str, requested: str | None, eager_fn: Callable, args: tuple) -> Callable:
+    """The function that serves one call of ``op`` with ``args`` (the first is a tensor): ``eager_fn``
+    or the registered Triton implementation."""
+    if resolve_backend(op, requested, args[0].device, args) == "eager":
         return eager_fn
-    return _TRITON_OPS[op]
+    return _TRITON_OPS[op].fn
 
 
 def available_backends() -> dict[str, BackendStatus]:
     """Each backend name and whether it can serve anything on this machine (if not, why)."""
-    triton_reason = _triton_import_error()
+    triton_reason = triton_import_error()
     if triton_reason is None and not _TRITON_OPS:
-        triton_reason = "no Triton kernel is registered yet"
+        triton_reason = "no Triton kernel is registered"
     if triton_reason is None and not (torch.cuda.is_available() or _interpreter_on()):
         triton_reason = "no CUDA device, and the Triton interpreter is off (TRITON_INTERPRET=1)"
     return {

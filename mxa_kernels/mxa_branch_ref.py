@@ -31,21 +31,22 @@ ROI_MODES = ("crop", "align")
 def snap_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pixel boxes (B, 4) int64 ``(x1, y1, x2, y2)``, half-open, as the authors' crop computes them.
 
-    Truncation of ``coordinate * size``, clamping to the map, and the whole map when the box is empty.
+    Truncation of ``coordinate * size`` (in float32), clamping to the map, and the whole map when the
+    box is empty.
     """
-    scale = boxes.new_tensor([width, height, width, height])
-    px = (boxes.detach() * scale).long()  # int() truncates toward zero, as .long() does
-    x1, y1 = px[:, 0].clamp(min=0), px[:, 1].clamp(min=0)
-    x2, y2 = px[:, 2].clamp(max=width), px[:, 3].clamp(max=height)
+    boxes = boxes.detach().float()
+    # float32 products truncated by .long(), as int() truncates them (Python scalars: no host sync)
+    x1, y1 = (boxes[:, 0] * width).long().clamp(min=0), (boxes[:, 1] * height).long().clamp(min=0)
+    x2, y2 = (boxes[:, 2] * width).long().clamp(max=width), (boxes[:, 3] * height).long().clamp(max=height)
     empty = (x2 <= x1) | (y2 <= y1)
-    whole = torch.tensor([0, 0, width, height], device=boxes.device)
-    snapped = torch.stack([x1, y1, x2, y2], dim=1)
-    return torch.where(empty[:, None], whole, snapped)
+    return torch.stack([torch.where(empty, 0, x1), torch.where(empty, 0, y1),
+                        torch.where(empty, width, x2), torch.where(empty, height, y2)], dim=1)
 
 
 def _two_tap_matrix(i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor, size: int) -> torch.Tensor:
     """(B, out, size) rows with weight 1 - lam at column i0 and lam at column i1."""
-    return (F.one_hot(i0, size) * (1 - lam)[..., None]) + (F.one_hot(i1, size) * lam[..., None])
+    columns = torch.arange(size, device=i0.device)
+    return ((columns == i0[..., None]) * (1 - lam)[..., None]) + ((columns == i1[..., None]) * lam[..., None])
 
 
 def crop_resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +134,7 @@ def mxa_branch_ref(
     pooled = z.mean(dim=(2, 3), keepdim=True)
     channel_w = torch.sigmoid(F.conv2d(F.relu(F.conv2d(pooled, ca_reduce_weight)), ca_expand_weight))
     z = z * channel_w
-    stats = torch.cat([z.amax(dim=1, keepdim=True), z.mean(dim=1, keepdim=True)], dim=1)
+    # max with indices, as the authors take it: its gradient goes to one maximal channel per pixel
+    stats = torch.cat([z.max(dim=1, keepdim=True).values, z.mean(dim=1, keepdim=True)], dim=1)
     spatial_w = torch.sigmoid(F.conv2d(stats, sa_weight, padding=sa_weight.shape[-1] // 2))
     return z * spatial_w

@@ -68,6 +68,8 @@ class MXAEfficientVitBlock(EfficientVitBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ffn0(self.dw0(x))
+        # timm's ResidualDrop around the attention is bypassed to form the three-way sum; timm never
+        # gives it a drop rate, and MXAEfficientVit does not either.
         attn, local = self.mixer.m(x), self.mxa(x)
         if self.fusion == "sum":
             x = x + attn + local
@@ -108,6 +110,8 @@ class MXAEfficientVit(EfficientVitMsra):
         dd = {"device": device, "dtype": dtype}
         super().__init__(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **kwargs, **dd)
         self.input_hw = to_2tuple(img_size)
+        # timm's stages build plain blocks; each is replaced by an MXA block of the same configuration
+        # (built anew, so timm's initialization applies to it as to the block it replaces).
         for stage in self.stages:
             stage.blocks = nn.Sequential(*(
                 self._mxa_block(block, fusion, roi_mode, mxa_reduction, backend, dd) for block in stage.blocks
@@ -180,6 +184,10 @@ class MXAEfficientVit(EfficientVitMsra):
         self._check_input(x)
         return super().forward_features(x)
 
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        self._check_input(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         x = self.global_pool(x)
         if pre_logits:
@@ -193,24 +201,28 @@ class MXAEfficientVit(EfficientVitMsra):
         return (logits + dist_logits) / 2
 
 
-def _is_mxa_only_key(key: str) -> bool:
-    return ".mxa." in key or key.endswith(".alpha") or key.startswith("head_dist.")
+def _is_optional_key(key: str) -> bool:
+    """Keys a checkpoint may lack: the MXA additions, the classifier heads, BatchNorm batch counters."""
+    return (".mxa." in key or key.endswith((".alpha", "num_batches_tracked"))
+            or key.startswith(("head.", "head_dist.")))
 
 
-def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike) -> dict[str, list[str]]:
+def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_ema: bool = True) -> dict[str, list[str]]:
     """Load a timm ``efficientvit_m*`` or project checkpoint (``torch.save`` or safetensors) into ``model``.
 
-    Checkpoints are read with ``weights_only=True``. A 3-channel stem is adapted to ``in_chans``
-    (timm's ``adapt_input_conv``); classifier weights of another class count are left out; attention
-    biases of another window size are resized. Any other difference raises
-    :class:`CheckpointMismatchError` naming the keys. Returns the keys left at initialization
-    (``missing``: the MXA branches, gates, distillation head; ``skipped``: a dropped classifier).
+    Checkpoints are read with ``weights_only=True``; a file holding ``model``/``state_dict`` and EMA
+    weights (``model_ema``/``state_dict_ema``) gives the EMA weights unless ``use_ema=False``. A
+    3-channel stem is adapted to ``in_chans`` (timm's ``adapt_input_conv``); attention biases of
+    another window size are resized; classifier, distillation-head and gate weights that do not fit
+    the model (another class count, no such head) are left out. Any other difference raises
+    :class:`CheckpointMismatchError` naming the keys, and leaves the model unchanged. Returns the keys
+    left at initialization (``missing``) and the checkpoint keys left out (``skipped``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        state = load_state_dict(path)
+        state = load_state_dict(path, use_ema=use_ema)
     except Exception as exc:
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -219,24 +231,26 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike) -> dic
     stem = "patch_embed.conv1.conv.weight"
     skipped = []
     for key in list(state):
-        if key not in target or state[key].shape == target[key].shape:
+        if key in target and state[key].shape == target[key].shape:
             continue
-        have, want = state[key].shape, target[key].shape
-        if key.startswith(("head.", "head_dist.")):
-            skipped.append(key)
+        if key.startswith(("head.", "head_dist.")) or key.endswith(".alpha"):
+            skipped.append(key)  # another class count, or a head or gate this model does not have
             del state[key]
-        elif not ((key == stem and have[0] == want[0] and have[2:] == want[2:])
-                  or (key.endswith("attention_biases") and have[0] == want[0])):
-            raise CheckpointMismatchError(
-                f"checkpoint {path} does not fit this model: {key} has shape {tuple(have)}, "
-                f"the model expects {tuple(want)} (another EfficientViT variant?)")
+        elif key in target:
+            have, want = state[key].shape, target[key].shape
+            adaptable_stem = key == stem and have[0] == want[0] and have[2:] == want[2:]
+            resizable_biases = key.endswith("attention_biases") and have[0] == want[0]
+            if not (adaptable_stem or resizable_biases):
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} does not fit this model: {key} has shape {tuple(have)}, "
+                    f"the model expects {tuple(want)} (another EfficientViT variant?)")
     state = checkpoint_filter_fn(state, model)  # resizes attention biases to the model's windows
     if stem in state and state[stem].shape[1] != model.in_chans:
         state[stem] = adapt_input_conv(model.in_chans, state[stem], base_chans=state[stem].shape[1])
     # Checked before loading, so that a refused checkpoint leaves the model untouched.
     unexpected = [k for k in state if k not in target]
-    missing = [k for k in target if k not in state and k not in skipped]
-    not_ours = [k for k in missing if not _is_mxa_only_key(k)]
+    missing = [k for k in target if k not in state]
+    not_ours = [k for k in missing if not _is_optional_key(k)]
     if unexpected or not_ours:
         keys = unexpected or not_ours
         kind = "unexpected keys" if unexpected else "missing backbone keys"

@@ -81,7 +81,11 @@ class MedicalXRayAttention(nn.Module):
             nn.Conv2d(2, 1, 7, padding=3, bias=False, **dd),
             nn.Sigmoid(),
         )
-        if roi_mode == "align":
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialize the align-mode start box (the layers reset their own parameters)."""
+        if self.roi_mode == "align":
             with torch.no_grad():
                 self.roi_predictor[2].bias.copy_(torch.tensor([-2.0, -2.0, 2.0, 2.0]))
 

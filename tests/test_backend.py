@@ -15,10 +15,12 @@ def test_set_get_and_context_restore():
     assert mxa_kernels.get_backend() == "eager"
     with mxa_kernels.use_backend("auto"):
         assert mxa_kernels.get_backend() == "auto"
-        with mxa_kernels.use_backend("eager"):
-            assert mxa_kernels.get_backend() == "eager"
+        with mxa_kernels.use_backend("triton"):
+            assert mxa_kernels.get_backend() == "triton"
         assert mxa_kernels.get_backend() == "auto"
-    assert mxa_kernels.get_backend() == "eager"
+        mxa_kernels.set_backend("triton")  # the block still wins, and the global choice outlives it
+        assert mxa_kernels.get_backend() == "auto"
+    assert mxa_kernels.get_backend() == "triton"
 
 
 def test_context_restores_after_an_exception():
@@ -46,52 +48,71 @@ def test_bad_names_raise(monkeypatch):
         mxa_kernels.get_backend()
 
 
-def test_per_call_backend_wins_over_global():
+def test_per_call_backend_wins_over_block_and_global():
     mxa_kernels.set_backend("triton")
     assert mxa_kernels.resolve_backend("mxa_branch", "eager", "cpu") == "eager"
+    with mxa_kernels.use_backend("triton"):
+        assert mxa_kernels.resolve_backend("mxa_branch", "eager", "cpu") == "eager"
 
 
-def test_explicit_triton_without_a_kernel_raises_with_the_reason():
-    assert "mxa_branch" not in backend._TRITON_OPS
+def test_explicit_triton_without_a_kernel_raises_with_the_reason(monkeypatch):
+    monkeypatch.delitem(backend._TRITON_OPS, "mxa_branch", raising=False)
     with pytest.raises(mxa_kernels.BackendUnavailableError, match="no Triton kernel is registered"):
         mxa_kernels.resolve_backend("mxa_branch", "triton", "cpu")
 
 
-def test_registered_triton_op_is_dispatched_and_auto_keeps_cpu_on_eager(monkeypatch):
-    def fake_kernel(*args):
-        return "triton"
+def _probe(unsupported=None):
+    return backend._TritonOp(lambda *args: "triton", unsupported)
 
-    monkeypatch.setitem(backend._TRITON_OPS, "probe_op", fake_kernel)
+
+def test_registered_triton_op_is_dispatched_and_auto_keeps_cpu_on_eager(monkeypatch):
+    monkeypatch.setitem(backend._TRITON_OPS, "probe_op", _probe())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.dispatch("probe_op", "triton", "cpu", lambda *a: "eager")() == "triton"
-    assert backend.dispatch("probe_op", "auto", "cpu", lambda *a: "eager")() == "eager"
+    args = (torch.zeros(1),)
+    assert backend.dispatch("probe_op", "triton", lambda *a: "eager", args)() == "triton"
+    assert backend.dispatch("probe_op", "auto", lambda *a: "eager", args)() == "eager"
     assert backend.resolve_backend("probe_op", "auto", "cuda") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(mxa_kernels.BackendUnavailableError, match="interpreter"):
         backend.resolve_backend("probe_op", "triton", "cpu")
 
 
+def test_arguments_the_kernel_cannot_serve(monkeypatch):
+    monkeypatch.setitem(backend._TRITON_OPS, "probe_op", _probe(lambda x: "maps too large" if x > 1 else None))
+    assert backend.resolve_backend("probe_op", "auto", "cuda", (1,)) == "triton"
+    assert backend.resolve_backend("probe_op", "auto", "cuda", (2,)) == "eager"
+    with pytest.raises(mxa_kernels.BackendUnavailableError, match="maps too large"):
+        backend.resolve_backend("probe_op", "triton", "cuda", (2,))
+
+
 def test_missing_triton_is_reported(monkeypatch):
-    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setitem(backend._TRITON_OPS, "probe_op", lambda *a: None)
+    monkeypatch.setattr(backend, "triton_import_error", lambda: "the triton package is not installed")
+    monkeypatch.setattr(backend, "_TRITON_OPS", {})
     status = mxa_kernels.available_backends()["triton"]
     assert not status.available and "not installed" in status.reason
-    assert backend.resolve_backend("probe_op", "auto", "cuda") == "eager"
+    assert backend.resolve_backend("mxa_branch", "auto", "cuda") == "eager"
+    with pytest.raises(mxa_kernels.BackendUnavailableError, match="not installed"):
+        backend.resolve_backend("mxa_branch", "triton", "cuda")
 
 
-def test_available_backends_reports_every_name():
-    status = mxa_kernels.available_backends()
-    assert set(status) == set(mxa_kernels.BACKENDS)
-    assert status["eager"].available and status["auto"].available
-    assert status["triton"].available == (status["triton"].reason is None)
+def test_available_backends_without_kernels_or_device(monkeypatch):
+    monkeypatch.setattr(backend, "_TRITON_OPS", {})
+    assert mxa_kernels.available_backends()["triton"].reason == "no Triton kernel is registered"
+    monkeypatch.setitem(backend._TRITON_OPS, "probe_op", _probe())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in mxa_kernels.available_backends()["triton"].reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mxa_kernels.available_backends()["triton"] == (True, None)
+    assert mxa_kernels.available_backends()["eager"].available
 
 
 def test_module_and_model_backend_argument(monkeypatch):
     import mxa_model
 
     calls = []
-    monkeypatch.setitem(backend._TRITON_OPS, "mxa_branch",
-                        lambda x, *args: calls.append(x.shape) or mxa_kernels.mxa_branch_ref(x, *args))
+    monkeypatch.setitem(backend._TRITON_OPS, "mxa_branch", backend._TritonOp(
+        lambda x, *args: calls.append(x.shape) or mxa_kernels.mxa_branch_ref(x, *args), None))
     module = mxa_model.MedicalXRayAttention(8, backend="triton")
     module(torch.randn(2, 8, 5, 5))
     assert calls == [(2, 8, 5, 5)]

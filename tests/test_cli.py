@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import mxa_kernels
 from mxa_model import cli
@@ -27,6 +28,7 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert cli.main(["demo", "--steps", "0"]) == 2
 
 
-def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "mxa_model.cli", "demo", "--help"], capture_output=True, text=True)
+def test_installed_console_script():
+    script = Path(sys.executable).parent / "mxa"
+    result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--backend" in result.stdout

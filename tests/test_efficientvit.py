@@ -47,15 +47,42 @@ def test_timm_state_dict_loads_with_only_mxa_keys_missing(tmp_path, in_chans, nu
     torch.save(timm_model.state_dict(), path)
     model = mxa_model.create_model("mxa_efficientvit_m0", in_chans=1, num_classes=14)
     report = mxa_model.load_pretrained_file(model, path)
-    assert report["missing"] and all(".mxa." in k for k in report["missing"])
+    head_dropped = num_classes != 14
+    assert {k for k in report["missing"] if ".mxa." not in k} == (
+        {"head.linear.weight", "head.linear.bias"} if head_dropped else set())
+    assert len(report["skipped"]) == (2 if head_dropped else 0)
     ours = model.state_dict()
     for key, value in timm_model.state_dict().items():
         if key == "patch_embed.conv1.conv.weight" and in_chans == 3:
             torch.testing.assert_close(ours[key], value.sum(dim=1, keepdim=True))  # timm's adapt_input_conv
-        elif key.startswith("head.") and num_classes != 14:
-            assert key in report["skipped"] or ours[key].shape == value.shape
-        else:
+        elif key not in report["skipped"]:
             torch.testing.assert_close(ours[key], value, msg=key)
+
+
+def test_checkpoint_variants_that_still_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    source = mxa_model.create_model("mxa_efficientvit_m0", fusion="gate", distilled=True)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, tmp_path / "gate_distilled.safetensors")
+    plain = mxa_model.create_model("mxa_efficientvit_m0", num_classes=0)
+    report = mxa_model.load_pretrained_file(plain, tmp_path / "gate_distilled.safetensors")
+    assert any(k.endswith(".alpha") for k in report["skipped"]) and any(k.startswith("head_dist.") for k in report["skipped"])
+    torch.testing.assert_close(plain.state_dict()["stages.2.blocks.0.mxa.spatial_attention.0.weight"],
+                               state["stages.2.blocks.0.mxa.spatial_attention.0.weight"])
+
+
+def test_attention_biases_are_resized_to_the_models_windows(tmp_path):
+    timm_model = timm.create_model("efficientvit_m0", in_chans=1, num_classes=14)  # 224 px: windows 7, 7, 4
+    torch.nn.init.normal_(timm_model.stages[0].blocks[0].mixer.m.attn.attention_biases)
+    torch.save(timm_model.state_dict(), tmp_path / "m0.pth")
+    small = mxa_model.create_model("mxa_efficientvit_m0", img_size=64)  # windows 4, 2, 1
+    mxa_model.load_pretrained_file(small, tmp_path / "m0.pth")
+    loaded = small.stages[0].blocks[0].mixer.m.attn.attention_biases
+    assert loaded.shape == (4, 16)
+    expected = timm.layers.resize_rel_pos_bias_table_levit(
+        timm_model.stages[0].blocks[0].mixer.m.attn.attention_biases.detach().T, (16, 4)).T
+    torch.testing.assert_close(loaded.detach(), expected)
 
 
 def test_pretrained_file_argument_and_project_checkpoint(tmp_path):
@@ -175,6 +202,8 @@ def test_bad_input_raises_clear_errors():
         model(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
     with pytest.raises(TypeError, match="tensor"):
         model([[0.0]])
+    with pytest.raises(ValueError, match="1-channel images .*got 3 channels"):
+        model.forward_intermediates(torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match="unknown fusion"):
         mxa_model.create_model("mxa_efficientvit_m0", fusion="concat")
 

@@ -62,6 +62,9 @@ def test_align_mode_starts_near_the_whole_map():
     module = mxa_model.MedicalXRayAttention(64, roi_mode="align")
     boxes = module.roi_boxes(torch.randn(4, 64, 14, 14))
     assert ((boxes[:, 2:] - boxes[:, :2]) > 0.6).all()
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, roi_mode="align")
+    model.init_weights()  # timm's re-initialization keeps the start box
+    assert all(m.roi_predictor[2].bias.tolist() == [-2.0, -2.0, 2.0, 2.0] for m in model.mxa_modules())
 
 
 def test_odd_channel_counts_and_tiny_maps():

@@ -156,3 +156,18 @@ def test_bad_arguments_raise_clear_errors():
         mxa_kernels.mxa_branch(x.long(), boxes, *w)
     with pytest.raises(ValueError, match="unknown kernel backend"):
         mxa_kernels.mxa_branch(x, boxes, *w, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("roi_mode", mxa_kernels.ROI_MODES)
+def test_eager_branch_makes_no_host_synchronization(roi_mode):
+    x = torch.randn(4, 16, 14, 14, device="cuda", requires_grad=True)
+    boxes = ordered_boxes(4, 0.3).cuda()
+    weights = [torch.randn(1, 16, 1, 1, device="cuda"), torch.randn(16, 1, 1, 1, device="cuda"),
+               torch.randn(1, 2, 7, 7, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mxa_branch_ref(x, boxes, *weights, roi_mode).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
