@@ -31,8 +31,8 @@ def main() -> None:
     torch.manual_seed(0)
     common = dict(in_chans=1, num_classes=14, img_size=args.img_size)
     models = {
-        f"mxa_efficientvit_{args.variant}": mxa_model.create_model(f"mxa_efficientvit_{args.variant}",
-                                                                   roi_mode=args.roi_mode, **common),
+        f"mxa_efficientvit_{args.variant} ({args.roi_mode})": mxa_model.create_model(
+            f"mxa_efficientvit_{args.variant}", roi_mode=args.roi_mode, **common),
         f"timm_efficientvit_{args.variant}": timm.create_model(f"efficientvit_{args.variant}", **common),
     }
     images = torch.randn(args.batch, 1, args.img_size, args.img_size, device=device)
@@ -54,7 +54,7 @@ def main() -> None:
                     shape=shape, dtype="float32", median_ms=seconds * 1e3,
                     ms_per_image=seconds * 1e3 / args.batch, **env) for name, seconds in medians.items()]
     for r in records:
-        print(f"{r['provider']:>22}: {r['median_ms']:8.1f} ms per step, {r['ms_per_image']:.2f} ms per image")
+        print(f"{r['provider']:>28}: {r['median_ms']:8.1f} ms per step, {r['ms_per_image']:.2f} ms per image")
     mxa, plain = medians.values()
     print(f"MXA / plain step time = {mxa / plain:.3f}")
     write_json(args.json, records)
