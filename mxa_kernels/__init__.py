@@ -18,6 +18,9 @@ from .backend import (
 from .mxa_branch_ref import ROI_MODES, crop_resize_loop, mxa_branch_ref, roi_resample, snap_boxes
 from . import backend as _backend
 
+if _backend.triton_import_error() is None:
+    from . import mxa_branch_triton  # registers the fused op with torch.library and the backend switch
+
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "ROI_MODES", "available_backends",
     "check_backend_name", "crop_resize_loop", "get_backend", "mxa_branch", "mxa_branch_ref", "resolve_backend", "roi_resample",
