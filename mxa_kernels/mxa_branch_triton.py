@@ -25,6 +25,8 @@ a block of channels. The 7x7 conv is ``sum_i shift_i @ (max @ band_0i + mean @ b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +35,10 @@ from . import alloc
 from .backend import register_triton_op
 
 MAX_MAP_SIDE = 32
-SHIPPED_BLOCK_CHANNELS = (16, 8, 4)  # channels per tile for padded maps of 16x16, 16x32 or 32x16, 32x32
+# Channels per tile and warps per program, by padded map (16x16; 16x32 or 32x16; 32x32). Warps split
+# the channel axis of the batched products, so a 4-channel tile gets 4 warps; 8 warps keep the
+# 16x16 bf16/fp16 kernels free of register spills (ptxas, sm_90).
+SHIPPED_CONFIGS = {16: (16, 8), 8: (8, 8), 4: (4, 4)}  # block_c -> (block_c, num_warps)
 
 
 @triton.jit
@@ -155,7 +160,7 @@ def _kernel_band(ws_ptr, k, i, WP: tl.constexpr):
     return tl.load(ws_ptr + k * 49 + i * 7 + d, mask=(d >= 0) & (d < 7), other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_fwd_kernel(
     x_ptr, box_ptr, w1_ptr, w2_ptr, ws_ptr, out_ptr,
     pooled_ptr, hidden_ptr, cw_ptr, stats_ptr, argmax_ptr, sw_ptr,
@@ -199,8 +204,8 @@ def mxa_branch_fwd_kernel(
         u = z * cw[:, None, None]
         in_c = (cc < C)[:, None, None]
         u_max = tl.where(in_c, u, float("-inf"))
-        block_best = tl.max(u_max, axis=0)
-        block_best_c = tl.argmax(u_max, axis=0).to(tl.int32) + c0
+        block_best, block_best_c = tl.max(u_max, axis=0, return_indices=True)
+        block_best_c = block_best_c.to(tl.int32) + c0
         better = block_best > best
         best_c = tl.where(better, block_best_c, best_c)
         best = tl.where(better, block_best, best)
@@ -234,7 +239,7 @@ def mxa_branch_fwd_kernel(
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_bwd_channel_kernel(
     x_ptr, gout_ptr, box_ptr, ws_ptr, cw_ptr, stats_ptr, argmax_ptr, sw_ptr,
     gcw_ptr, gstats_ptr, gws_ptr,
@@ -268,7 +273,10 @@ def mxa_branch_bwd_channel_kernel(
     mean = tl.load(stats_ptr + b * 2 * H * W + H * W + p * W + q, mask=pix, other=0.0)
     g_best = tl.zeros((HP, WP), tl.float32)
     g_mean = tl.zeros((HP, WP), tl.float32)
+    # band diagonal of each (w, q) entry, against the 7 (padded to 8) kernel columns
     diag = tl.arange(0, WP)[:, None] - tl.arange(0, WP)[None, :] + 3
+    on_diag = diag[None, :, :] == tl.arange(0, 8)[:, None, None]
+    kernel_col = tl.arange(0, 8)
     for i in tl.static_range(7):
         shift = _row_shift(i, H, HP)
         g_band_sum = tl.dot(tl.trans(shift), g_s, input_precision="ieee")
@@ -277,10 +285,10 @@ def mxa_branch_bwd_channel_kernel(
         # d loss / d band_ki = (shift_i @ map_k)^T @ g_s; each band diagonal is one kernel weight.
         g_band_0 = tl.dot(tl.trans(tl.dot(shift, best, input_precision="ieee")), g_s, input_precision="ieee")
         g_band_1 = tl.dot(tl.trans(tl.dot(shift, mean, input_precision="ieee")), g_s, input_precision="ieee")
-        for d in tl.static_range(7):
-            tl.store(gws_ptr + b * 98 + i * 7 + d, tl.sum(tl.sum(tl.where(diag == d, g_band_0, 0.0), axis=1), axis=0))
-            tl.store(gws_ptr + b * 98 + 49 + i * 7 + d,
-                     tl.sum(tl.sum(tl.where(diag == d, g_band_1, 0.0), axis=1), axis=0))
+        g_row_0 = tl.sum(tl.sum(tl.where(on_diag, g_band_0[None, :, :], 0.0), axis=2), axis=1)
+        g_row_1 = tl.sum(tl.sum(tl.where(on_diag, g_band_1[None, :, :], 0.0), axis=2), axis=1)
+        tl.store(gws_ptr + b * 98 + i * 7 + kernel_col, g_row_0, mask=kernel_col < 7)
+        tl.store(gws_ptr + b * 98 + 49 + i * 7 + kernel_col, g_row_1, mask=kernel_col < 7)
     tl.store(gstats_ptr + b * 2 * H * W + p * W + q, g_best, mask=pix)
     tl.store(gstats_ptr + b * 2 * H * W + H * W + p * W + q, g_mean, mask=pix)
 
@@ -298,7 +306,7 @@ def mxa_branch_bwd_channel_kernel(
         tl.store(gcw_ptr + b * C + cc, tl.sum(tl.sum(g_u * z, axis=2), axis=1), mask=cc < C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_bwd_input_kernel(
     x_ptr, gout_ptr, box_ptr, cw_ptr, argmax_ptr, sw_ptr, gstats_ptr, gpooled_ptr,
     gx_ptr, gbox_ptr,
@@ -383,15 +391,23 @@ def unsupported_reason(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
         return f"the fused MXA branch serves maps up to {MAX_MAP_SIDE}x{MAX_MAP_SIDE}, got {x.shape[2]}x{x.shape[3]}"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the fused MXA branch serves float32, float16 and bfloat16 features, got {x.dtype}"
+    if x.dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "bfloat16 matrix products need a GPU of compute capability 8.0 or newer"
     return None
 
 
 def _launch_config(x: torch.Tensor, block_c: int | None) -> dict:
     height, width = x.shape[2:]
+    block_c, num_warps = SHIPPED_CONFIGS[block_c or block_channels(height, width)]
     return dict(
-        BC=block_c or block_channels(height, width), HP=_padded_side(height), WP=_padded_side(width),
+        BC=block_c, num_warps=num_warps, HP=_padded_side(height), WP=_padded_side(width),
         PREC="ieee" if x.dtype == torch.float32 else None,  # fp32 products exact, not TF32
     )
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight):
@@ -414,11 +430,12 @@ def mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     stats = alloc.empty((batch, 2, height, width), **f32)
     argmax = alloc.empty((batch, height, width), device=x.device, dtype=torch.int32)
     sw = alloc.empty((batch, height, width), **f32)
-    mxa_branch_fwd_kernel[(batch,)](
-        x, boxes.float().contiguous(), w1, w2, ws, out, pooled, hidden, cw, stats, argmax, sw,
-        channels, height, width, hidden_channels, *x.stride(), *out.stride(),
-        ALIGN=align, BCH=triton.next_power_of_2(hidden_channels), **_launch_config(x, block_c),
-    )
+    with _on_device(x):
+        mxa_branch_fwd_kernel[(batch,)](
+            x, boxes.float().contiguous(), w1, w2, ws, out, pooled, hidden, cw, stats, argmax, sw,
+            channels, height, width, hidden_channels, *x.stride(), *out.stride(),
+            ALIGN=align, BCH=triton.next_power_of_2(hidden_channels), **_launch_config(x, block_c),
+        )
     return out, pooled, hidden, cw, stats, argmax, sw
 
 
@@ -433,10 +450,11 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     g_cw = alloc.empty((batch, channels), **f32)
     g_stats = alloc.empty((batch, 2, height, width), **f32)
     g_ws_per_sample = alloc.empty((batch, 98), **f32)
-    mxa_branch_bwd_channel_kernel[(batch,)](
-        x, grad_out, boxes32, ws, cw, stats, argmax, sw, g_cw, g_stats, g_ws_per_sample,
-        channels, height, width, *x.stride(), *grad_out.stride(), ALIGN=align, **config,
-    )
+    with _on_device(x):
+        mxa_branch_bwd_channel_kernel[(batch,)](
+            x, grad_out, boxes32, ws, cw, stats, argmax, sw, g_cw, g_stats, g_ws_per_sample,
+            channels, height, width, *x.stride(), *grad_out.stride(), ALIGN=align, **config,
+        )
     # The channel-attention MLP on (B, C): cw = sigmoid(W2 relu(W1 pooled)).
     g_logits = g_cw * cw * (1 - cw)
     g_w2 = g_logits.T @ hidden.clamp(min=0)
@@ -447,10 +465,11 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     blocks = triton.cdiv(channels, config["BC"])
     g_x = alloc.empty_like(x)
     g_box_per_block = alloc.empty((batch, blocks, 4), **f32) if align else g_cw  # unused in crop mode
-    mxa_branch_bwd_input_kernel[(batch, blocks)](
-        x, grad_out, boxes32, cw, argmax, sw, g_stats, g_pooled, g_x, g_box_per_block,
-        channels, height, width, *x.stride(), *grad_out.stride(), *g_x.stride(), ALIGN=align, **config,
-    )
+    with _on_device(x):
+        mxa_branch_bwd_input_kernel[(batch, blocks)](
+            x, grad_out, boxes32, cw, argmax, sw, g_stats, g_pooled, g_x, g_box_per_block,
+            channels, height, width, *x.stride(), *grad_out.stride(), *g_x.stride(), ALIGN=align, **config,
+        )
     g_boxes = g_box_per_block.sum(dim=1) if align else torch.zeros_like(boxes32)
     return (g_x, g_boxes.to(boxes.dtype), g_w1.reshape(ca_reduce_weight.shape).to(ca_reduce_weight.dtype),
             g_w2.reshape(ca_expand_weight.shape).to(ca_expand_weight.dtype),
