@@ -136,6 +136,24 @@ def _resample(x, rows, cols, BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexp
 
 
 @triton.jit
+def _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols,
+                    BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr):
+    """The resampled tile of channels [c0, c0 + BC) of sample b, and the tile's mask."""
+    offs, mask = _tile_offsets(b, c0, C, H, W, sxb, sxc, sxh, sxw, BC, HP, WP)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    z, _ = _resample(x, rows, cols, BC, HP, WP, PREC)
+    return z, mask
+
+
+@triton.jit
+def _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean):
+    """d loss / d(z * cw) from the output gradient g: the spatial weights' share, and the shares of the
+    channel max (to the first maximal channel) and mean that fed the spatial attention."""
+    g_u = g * sw[None, :, :] + tl.where(cc[:, None, None] == best_c[None, :, :], g_best[None, :, :], 0.0)
+    return g_u + g_mean[None, :, :] / C
+
+
+@triton.jit
 def _channel_weights(w2_ptr, hid, cc, C, CH, BCH: tl.constexpr):
     """sigmoid(W2 @ relu-ed hidden) for the channels cc."""
     j = tl.arange(0, BCH)
@@ -195,9 +213,7 @@ def mxa_branch_fwd_kernel(
     best_c = tl.zeros((HP, WP), tl.int32)
     total = tl.zeros((HP, WP), tl.float32)
     for c0 in range(0, C, BC):
-        offs, mask = _tile_offsets(b, c0, C, H, W, sxb, sxc, sxh, sxw, BC, HP, WP)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        z, _ = _resample(x, rows, cols, BC, HP, WP, PREC)
+        z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cc = c0 + tl.arange(0, BC)
         cw = _channel_weights(w2_ptr, hidden, cc, C, CH, BCH)
         tl.store(cw_ptr + b * C + cc, cw, mask=cc < C)
@@ -230,9 +246,7 @@ def mxa_branch_fwd_kernel(
 
     # Pass 3: the output.
     for c0 in range(0, C, BC):
-        offs, mask = _tile_offsets(b, c0, C, H, W, sxb, sxc, sxh, sxw, BC, HP, WP)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        z, _ = _resample(x, rows, cols, BC, HP, WP, PREC)
+        z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cw = _channel_weights(w2_ptr, hidden, c0 + tl.arange(0, BC), C, CH, BCH)
         out = z * cw[:, None, None] * sw[None, :, :]
         out_offs, _ = _tile_offsets(b, c0, C, H, W, sob, soc, soh, sow, BC, HP, WP)
@@ -258,9 +272,7 @@ def mxa_branch_bwd_channel_kernel(
     # d loss / d spatial weights = sum_c grad * (z * cw)
     g_sw = tl.zeros((HP, WP), tl.float32)
     for c0 in range(0, C, BC):
-        offs, mask = _tile_offsets(b, c0, C, H, W, sxb, sxc, sxh, sxw, BC, HP, WP)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        z, _ = _resample(x, rows, cols, BC, HP, WP, PREC)
+        z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cc = c0 + tl.arange(0, BC)
         cw = tl.load(cw_ptr + b * C + cc, mask=cc < C, other=0.0)
         g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
@@ -295,14 +307,11 @@ def mxa_branch_bwd_channel_kernel(
     # d loss / d channel weights = sum_hw d loss / d(z * cw) * z
     best_c = tl.load(argmax_ptr + b * H * W + p * W + q, mask=pix, other=-1)
     for c0 in range(0, C, BC):
-        offs, mask = _tile_offsets(b, c0, C, H, W, sxb, sxc, sxh, sxw, BC, HP, WP)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        z, _ = _resample(x, rows, cols, BC, HP, WP, PREC)
+        z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cc = c0 + tl.arange(0, BC)
         g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
         g = tl.load(gout_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        g_u = g * sw[None, :, :] + tl.where(cc[:, None, None] == best_c[None, :, :], g_best[None, :, :], 0.0)
-        g_u += g_mean[None, :, :] / C
+        g_u = _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean)
         tl.store(gcw_ptr + b * C + cc, tl.sum(tl.sum(g_u * z, axis=2), axis=1), mask=cc < C)
 
 
@@ -335,8 +344,7 @@ def mxa_branch_bwd_input_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
     g = tl.load(gout_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-    g_u = g * sw[None, :, :] + tl.where(cc[:, None, None] == best_c[None, :, :], g_best[None, :, :], 0.0)
-    g_u += g_mean[None, :, :] / C
+    g_u = _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean)
     g_z = tl.where(mask, g_u * cw[:, None, None], 0.0)
 
     # x gradient: rows^T @ g_z @ cols, plus the channel mean's share, spread by the same weights.
