@@ -16,15 +16,17 @@ from .backend import (
     use_backend,
 )
 from .mxa_branch_ref import ROI_MODES, crop_resize_loop, mxa_branch_ref, roi_resample, snap_boxes
+from .window_attention_ref import window_attention_ref
 from . import backend as _backend
 
 if _backend.triton_import_error() is None:
-    from . import mxa_branch_triton  # registers the fused op with torch.library and the backend switch
+    # register the fused ops with torch.library and the backend switch
+    from . import mxa_branch_triton, window_attention_triton  # noqa: F401
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "ROI_MODES", "available_backends",
     "check_backend_name", "crop_resize_loop", "get_backend", "mxa_branch", "mxa_branch_ref", "resolve_backend", "roi_resample",
-    "set_backend", "snap_boxes", "use_backend",
+    "set_backend", "snap_boxes", "use_backend", "window_attention", "window_attention_ref",
 ]
 
 
@@ -68,3 +70,21 @@ def mxa_branch(
     _check_mxa_branch_args(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
     args = (x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
     return _backend.dispatch("mxa_branch", backend, mxa_branch_ref, args)(*args)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, bias_idx: torch.Tensor,
+                     window: int, scale: float, backend: str | None = None) -> torch.Tensor:
+    """One head of windowed attention with a relative-position bias (see :func:`window_attention_ref` for
+    the arguments), served by the backend that ``backend`` (or the global selection) resolves to."""
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[0::2] != q.shape[0::2] or v.shape[3] != q.shape[3]:
+        raise ValueError(f"window_attention expects q and k of one shape (B, Dk, H, W) and v of shape (B, Dv, H, W), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] == 0:
+        raise ValueError("window_attention got an empty batch (B = 0)")
+    if window < 1 or q.shape[2] % window or q.shape[3] % window:
+        raise ValueError(f"the maps ({q.shape[2]}x{q.shape[3]}) must be cut into whole {window}x{window} windows; "
+                         "pad them first")
+    if bias_idx.shape != (window * window, window * window):
+        raise ValueError(f"bias_idx must have shape {(window * window,) * 2}, got {tuple(bias_idx.shape)}")
+    args = (q, k, v, bias, bias_idx, window, scale)
+    return _backend.dispatch("window_attention", backend, window_attention_ref, args)(*args)

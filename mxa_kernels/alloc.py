@@ -1,4 +1,4 @@
-"""Buffers the kernel launchers allocate for a kernel to fill.
+"""Buffers the kernel launchers allocate for a kernel to fill, and the device a launch runs on.
 
 With ``MXA_POISON_EMPTY=1`` in the environment (the tests set it) they are filled with NaN, or the
 most negative integer, instead of left uninitialized, so that an element a kernel fails to write
@@ -7,6 +7,7 @@ cannot pass a comparison by luck.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,3 +26,8 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """Same shape, dtype, device and memory format (NCHW or channels_last) as ``t``."""
     return _poison(torch.empty_like(t))
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: a context that makes it ``t``'s device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -25,8 +25,6 @@ a block of channels. The 7x7 conv is ``sum_i shift_i @ (max @ band_0i + mean @ b
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -413,11 +411,6 @@ def _launch_config(x: torch.Tensor, block_c: int | None) -> dict:
     )
 
 
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight):
     hidden, channels = ca_reduce_weight.shape[:2]
     return (ca_reduce_weight.reshape(hidden, channels).float().contiguous(),
@@ -438,7 +431,7 @@ def mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     stats = alloc.empty((batch, 2, height, width), **f32)
     argmax = alloc.empty((batch, height, width), device=x.device, dtype=torch.int32)
     sw = alloc.empty((batch, height, width), **f32)
-    with _on_device(x):
+    with alloc.on_device(x):
         mxa_branch_fwd_kernel[(batch,)](
             x, boxes.float().contiguous(), w1, w2, ws, out, pooled, hidden, cw, stats, argmax, sw,
             channels, height, width, hidden_channels, *x.stride(), *out.stride(),
@@ -458,7 +451,7 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     g_cw = alloc.empty((batch, channels), **f32)
     g_stats = alloc.empty((batch, 2, height, width), **f32)
     g_ws_per_sample = alloc.empty((batch, 98), **f32)
-    with _on_device(x):
+    with alloc.on_device(x):
         mxa_branch_bwd_channel_kernel[(batch,)](
             x, grad_out, boxes32, ws, cw, stats, argmax, sw, g_cw, g_stats, g_ws_per_sample,
             channels, height, width, *x.stride(), *grad_out.stride(), ALIGN=align, **config,
@@ -473,7 +466,7 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     blocks = triton.cdiv(channels, config["BC"])
     g_x = alloc.empty_like(x)
     g_box_per_block = alloc.empty((batch, blocks, 4), **f32) if align else g_cw  # unused in crop mode
-    with _on_device(x):
+    with alloc.on_device(x):
         mxa_branch_bwd_input_kernel[(batch, blocks)](
             x, grad_out, boxes32, cw, argmax, sw, g_stats, g_pooled, g_x, g_box_per_block,
             channels, height, width, *x.stride(), *grad_out.stride(), *g_x.stride(), ALIGN=align, **config,

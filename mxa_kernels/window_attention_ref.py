@@ -1,0 +1,39 @@
+"""Eager PyTorch reference of one head of EfficientViT's windowed attention with a learned
+relative-position bias (the core of timm's ``CascadedGroupAttention`` inside ``LocalWindowAttention``).
+
+The maps are cut into ``window x window`` tiles; inside each tile every token i attends to every
+token j with ``softmax_j(scale * q_i . k_j + bias[bias_idx[i, j]])`` and the output is
+``sum_j p_ij v_j``, written back at token i's position. The maps' sides must be multiples of the
+window (a module pads its input first, as timm does, so that padded tokens are real tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _windows(t: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, D, H, W) -> (B * windows, D, window * window), windows in row-major order."""
+    batch, depth, height, width = t.shape
+    t = t.reshape(batch, depth, height // window, window, width // window, window)
+    return t.permute(0, 2, 4, 1, 3, 5).reshape(-1, depth, window * window)
+
+
+def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         bias_idx: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Windowed attention of one head.
+
+    Args:
+        q, k: (B, Dk, H, W) queries and keys; v: (B, Dv, H, W) values; H and W multiples of ``window``.
+        bias: (num_offsets,) this head's row of the bias table.
+        bias_idx: (N, N) int64 offset index of each token pair, N = window * window.
+        window: window side; scale: multiplies q . k.
+    Returns:
+        (B, Dv, H, W).
+    """
+    batch, _, height, width = q.shape
+    depth = v.shape[1]
+    scores = _windows(q, window).transpose(1, 2) @ _windows(k, window) * scale + bias[bias_idx]
+    out = _windows(v, window) @ scores.softmax(dim=-1).transpose(1, 2)
+    out = out.reshape(batch, height // window, width // window, depth, window, window)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, depth, height, width)

@@ -1,0 +1,136 @@
+"""Windowed attention with a relative-position bias: the eager reference against a per-window loop,
+and the fused Triton op (interpreter on CPU, a GPU when present) against the reference: output and
+the gradients of q, k, v and the bias table."""
+
+import pytest
+import torch
+from timm.models.efficientvit_msra import CascadedGroupAttention
+
+import mxa_kernels
+from mxa_kernels import window_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bias_index(window):
+    """timm's offset index for a window (the buffer its attention modules use)."""
+    return CascadedGroupAttention(16, 16, 1, resolution=window).attention_bias_idxs
+
+
+def make_inputs(batch, dk, dv, height, width, window, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    idx = bias_index(window)
+    tensors = [torch.randn(batch, dk, height, width, generator=gen), torch.randn(batch, dk, height, width, generator=gen),
+               torch.randn(batch, dv, height, width, generator=gen), torch.randn(int(idx.max()) + 1, generator=gen),
+               torch.randn(batch, dv, height, width, generator=gen)]
+    q, k, v, bias, grad = (t.to(device=DEVICE, dtype=dtype) for t in tensors)
+    return q, k, v, bias, idx.to(DEVICE), grad
+
+
+def per_window_loop(q, k, v, bias, idx, window, scale):
+    """Each window on its own, in the order timm's CascadedGroupAttention computes one head."""
+    out = torch.empty(v.shape, dtype=v.dtype)
+    for b in range(q.shape[0]):
+        for top in range(0, q.shape[2], window):
+            for left in range(0, q.shape[3], window):
+                tile = (b, slice(None), slice(top, top + window), slice(left, left + window))
+                qw, kw, vw = (t[tile].flatten(1) for t in (q, k, v))
+                attn = ((qw * scale).transpose(0, 1) @ kw + bias[idx]).softmax(dim=-1)
+                out[tile] = (vw @ attn.transpose(0, 1)).view(-1, window, window)
+    return out
+
+
+def test_reference_equals_a_per_window_loop():
+    q, k, v, bias, idx, _ = make_inputs(2, 16, 24, 14, 21, 7)
+    q, k, v, bias, idx = (t.cpu() for t in (q, k, v, bias, idx))
+    torch.testing.assert_close(window_attention_ref(q, k, v, bias, idx, 7, 0.25),
+                               per_window_loop(q, k, v, bias, idx, 7, 0.25))
+
+
+def run(fn, q, k, v, bias, idx, grad, window):
+    q, k, v, bias = (t.detach().requires_grad_() for t in (q, k, v, bias))
+    out = fn(q, k, v, bias, idx, window, q.shape[1] ** -0.5)
+    return [out, *torch.autograd.grad(out, (q, k, v, bias), grad)]
+
+
+def fused(q, k, v, bias, idx, window, scale):
+    return mxa_kernels.window_attention(q, k, v, bias, idx, window, scale, backend="triton")
+
+
+NAMES = ["out", "grad q", "grad k", "grad v", "grad bias table"]
+
+
+def rel_err(got, want):
+    assert torch.isfinite(got).all(), "non-finite values (an unwritten element?)"
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-12)).item()
+
+
+# (batch, key dim, value dim, H, W, window): the M5 stages at 224 px (14x14 and 7x7 maps in 7x7
+# windows, 4x4 in one 4x4 window), padded maps as a module pads them, odd value dims, B = 1
+CASES = [(2, 16, 64, 14, 14, 7), (2, 16, 64, 7, 7, 7), (2, 16, 96, 4, 4, 4), (1, 16, 112, 8, 12, 4),
+         (3, 16, 16, 14, 7, 7), (1, 16, 24, 21, 14, 7), (2, 32, 40, 6, 6, 3)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_equals_reference(case):
+    *shape, window = case
+    q, k, v, bias, idx, grad = make_inputs(*shape, window)
+    want = run(window_attention_ref, q, k, v, bias, idx, grad, window)
+    got = run(fused, *(t.float() for t in (q, k, v, bias)), idx, grad.float(), window)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert rel_err(g, w) < 2e-6, (name, rel_err(g, w))
+
+
+def test_channel_slices_of_one_projection_and_expanded_gradients():
+    """q, k and v as timm cuts them from one qkv projection (strided views), and a stride-0 gradient."""
+    _, _, _, bias, idx, _ = make_inputs(2, 16, 64, 14, 14, 7, dtype=torch.float32)
+    qkv = torch.randn(2, 96, 14, 14, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split([16, 16, 64], dim=1)
+    fused(q, k, v, bias, idx, 7, 0.25).sum().backward()
+    qkv_ref = qkv.detach().double().requires_grad_()
+    window_attention_ref(*qkv_ref.split([16, 16, 64], dim=1), bias.double(), idx, 7, 0.25).sum().backward()
+    assert rel_err(qkv.grad, qkv_ref.grad) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; tested on a GPU")
+    q, k, v, bias, idx, grad = make_inputs(2, 16, 64, 14, 14, 7)
+    exact = run(window_attention_ref, q, k, v, bias, idx, grad, 7)
+    low = [t.to(dtype) for t in (q, k, v)]
+    got = run(fused, *low, bias.float(), idx, grad.to(dtype), 7)
+    eager = run(window_attention_ref, *low, bias.to(dtype), idx, grad.to(dtype), 7)
+    for name, g, e, w in zip(NAMES, got, eager, exact):
+        assert rel_err(g, w) <= max(2 * rel_err(e, w), 1e-2), name  # flash-attention's rule
+
+
+def test_library_registration_passes_opcheck():
+    q, k, v, bias, idx, _ = make_inputs(2, 16, 32, 8, 8, 4, dtype=torch.float32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias.requires_grad_(), idx, 4, 0.25)
+    torch.library.opcheck(torch.ops.mxa.window_attention_fwd.default, args)
+
+
+def test_torch_compile_traces_through_without_graph_breaks():
+    q, k, v, bias, idx, grad = make_inputs(2, 16, 32, 8, 8, 4, dtype=torch.float32)
+    compiled = torch.compile(lambda *a: fused(*a) * 2, fullgraph=True)
+    got = run(compiled, q, k, v, bias, idx, grad, 4)
+    want = run(lambda *a: fused(*a) * 2, q, k, v, bias, idx, grad, 4)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_bad_arguments_and_unsupported_windows():
+    q, k, v, bias, idx, _ = make_inputs(1, 16, 16, 9, 9, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="whole 4x4 windows"):
+        mxa_kernels.window_attention(q, k, v, bias, bias_index(4), 4, 0.25)
+    with pytest.raises(ValueError, match="bias_idx must have shape"):
+        mxa_kernels.window_attention(q, k, v, bias, bias_index(9), 3, 0.25)
+    with pytest.raises(ValueError, match="empty batch"):
+        mxa_kernels.window_attention(q[:0], k[:0], v[:0], bias, idx, 3, 0.25)
+    big = make_inputs(1, 16, 16, 9, 9, 9, dtype=torch.float32)
+    args = (*big[:5], 9, 0.25)
+    assert mxa_kernels.resolve_backend("window_attention", "auto", "cuda", args) == "eager"
+    with pytest.raises(mxa_kernels.BackendUnavailableError, match="windows up to 8x8"):
+        mxa_kernels.window_attention(*args, backend="triton")
