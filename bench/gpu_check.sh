@@ -9,11 +9,14 @@ py=${PYTHON:-python3}
 card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 1
 prefix="bench/results/$(date +%F)_${card}"
 status=0
-"$py" -m pytest -q -p no:cacheprovider tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py 2>&1 \
+"$py" -m pytest -q -p no:cacheprovider tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
+    tests/test_window_attention.py 2>&1 \
     | tee "${prefix}_tests.txt" || status=1
 for mode in crop align; do
     "$py" bench/mxa_branch.py --roi-mode "$mode" --json "${prefix}_mxa_branch_${mode}.json" 2>&1 \
         | tee "${prefix}_mxa_branch_${mode}.txt" || status=1
 done
+"$py" bench/window_attention.py --json "${prefix}_window_attention.json" 2>&1 \
+    | tee "${prefix}_window_attention.txt" || status=1
 if [ -n "${OUT:-}" ]; then cp "${prefix}"_* "$OUT"/; fi
 exit "$status"

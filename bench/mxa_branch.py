@@ -48,7 +48,7 @@ def providers(roi_mode: str, device: torch.device) -> dict:
     def fused(*args):
         return mxa_kernels.mxa_branch(*args, roi_mode=roi_mode, backend="triton")
 
-    found = {"eager": eager, "torch.compile": torch.compile(eager)}
+    found = {"eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
     reason = mxa_kernels.backend.triton_unavailable_reason("mxa_branch", device)
     if reason is None:
         found["triton"] = fused

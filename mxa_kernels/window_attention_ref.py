@@ -33,7 +33,8 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     """
     batch, _, height, width = q.shape
     depth = v.shape[1]
-    scores = _windows(q, window).transpose(1, 2) @ _windows(k, window) * scale + bias[bias_idx]
+    # a float32 bias table with half-precision maps (mixed precision) is cast to the maps' dtype
+    scores = _windows(q, window).transpose(1, 2) @ _windows(k, window) * scale + bias[bias_idx].to(q.dtype)
     out = _windows(v, window) @ scores.softmax(dim=-1).transpose(1, 2)
     out = out.reshape(batch, height // window, width // window, depth, window, window)
     return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, depth, height, width)

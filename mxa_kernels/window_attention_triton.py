@@ -6,8 +6,10 @@ strides: channel slices of the qkv projection need no copy), with the window par
 reverse folded into the indexing; tokens are padded to a power of two (49 -> 64) and masked.
 
 - forward: **one** launch per head. Scores, bias gather through the offset index, a numerically
-  stable softmax and the weighted sum stay in registers; besides the output it writes the rows'
-  log-sum-exp (windows x N floats) so that the backward recomputes the probabilities.
+  stable softmax and the weighted sum stay in registers; besides the output it writes each score
+  row's maximum and exponential sum (windows x 2 x N floats) so that the backward recomputes the
+  probabilities as exp(s - max) / sum, as accurately as the forward (a stored log-sum-exp would lose
+  the digits of the largest scores).
 - backward: **one** launch per head, plus a PyTorch sum. Each program writes its window's bias
   gradient, the score gradients summed per table entry; the sum over windows is a PyTorch
   reduction, so the bias-table gradient is deterministic (no atomics).
@@ -57,7 +59,7 @@ def _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, s
 
 @triton.jit(do_not_specialize=["n_wh", "n_ww", "WS", "DK", "DV"])
 def window_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, idx_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, idx_ptr, out_ptr, rows_ptr,
     n_wh, n_ww, WS, DK, DV, scale,
     sqb, sqd, sqh, sqw, skb, skd, skh, skw, svb, svd, svh, svw, sob, sod, soh, sow,
     DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
@@ -75,12 +77,13 @@ def window_attention_fwd_kernel(
     o_offs, _ = _window_tile(out_ptr, w, n_wh, n_ww, WS, sob, sod, soh, sow, DV, DVP, NP)
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=v_mask)
     n = tl.arange(0, NP)
-    tl.store(lse_ptr + w.to(tl.int64) * NP + n, row_max + tl.log(row_sum))
+    tl.store(rows_ptr + w.to(tl.int64) * 2 * NP + n, row_max)
+    tl.store(rows_ptr + w.to(tl.int64) * 2 * NP + NP + n, row_sum)
 
 
 @triton.jit(do_not_specialize=["n_wh", "n_ww", "WS", "DK", "DV", "OFFSETS"])
 def window_attention_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, idx_ptr, lse_ptr, gout_ptr, gq_ptr, gk_ptr, gv_ptr, gbias_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, idx_ptr, rows_ptr, gout_ptr, gq_ptr, gk_ptr, gv_ptr, gbias_ptr,
     n_wh, n_ww, WS, DK, DV, OFFSETS, scale,
     sqb, sqd, sqh, sqw, skb, skd, skh, skw, svb, svd, svh, svw, sgb, sgd, sgh, sgw,
     sdkb, sdkd, sdkh, sdkw, sdvb, sdvd, sdvh, sdvw,
@@ -90,8 +93,9 @@ def window_attention_bwd_kernel(
     s, q, k, idx, pair_ok = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
                                     skb, skd, skh, skw, DK, scale, DKP, NP, PREC)
     n = tl.arange(0, NP)
-    lse = tl.load(lse_ptr + w.to(tl.int64) * NP + n)
-    p = tl.where(pair_ok, tl.exp(s - lse[:, None]), 0.0)
+    row_max = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + n)
+    row_sum = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + NP + n)
+    p = tl.where(pair_ok, tl.exp(s - row_max[:, None]) / row_sum[:, None], 0.0)
     v_offs, v_mask = _window_tile(v_ptr, w, n_wh, n_ww, WS, svb, svd, svh, svw, DV, DVP, NP)
     v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0)
     g_offs, _ = _window_tile(gout_ptr, w, n_wh, n_ww, WS, sgb, sgd, sgh, sgw, DV, DVP, NP)
@@ -123,23 +127,23 @@ def _config(q: torch.Tensor, v: torch.Tensor, window: int) -> dict:
 
 
 def window_attention_forward(q, k, v, bias, bias_idx, window: int, scale: float):
-    """Launch the forward kernel; returns the output and the rows' log-sum-exp."""
+    """Launch the forward kernel; returns the output and the score rows' maxima and sums."""
     batch, _, height, width = q.shape
     n_wh, n_ww = height // window, width // window
     windows = batch * n_wh * n_ww
     config = _config(q, v, window)
     out = alloc.empty((batch, v.shape[1], height, width), dtype=v.dtype, device=v.device)
-    lse = alloc.empty((windows, config["NP"]), dtype=torch.float32, device=q.device)
+    rows = alloc.empty((windows, 2, config["NP"]), dtype=torch.float32, device=q.device)
     with alloc.on_device(q):
         window_attention_fwd_kernel[(windows,)](
-            q, k, v, bias.float().contiguous(), bias_idx.to(torch.int32).contiguous(), out, lse,
+            q, k, v, bias.float().contiguous(), bias_idx.to(torch.int32).contiguous(), out, rows,
             n_wh, n_ww, window, q.shape[1], v.shape[1], scale,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), **config,
         )
-    return out, lse
+    return out, rows
 
 
-def window_attention_backward(grad_out, q, k, v, bias, bias_idx, lse, window: int, scale: float):
+def window_attention_backward(grad_out, q, k, v, bias, bias_idx, rows, window: int, scale: float):
     """Launch the backward kernel; returns the gradients of q, k, v and the bias row."""
     batch, _, height, width = q.shape
     n_wh, n_ww = height // window, width // window
@@ -149,7 +153,7 @@ def window_attention_backward(grad_out, q, k, v, bias, bias_idx, lse, window: in
     g_bias_per_window = alloc.empty((windows, bias.shape[0]), dtype=torch.float32, device=q.device)
     with alloc.on_device(q):
         window_attention_bwd_kernel[(windows,)](
-            q, k, v, bias.float().contiguous(), bias_idx.to(torch.int32).contiguous(), lse, grad_out,
+            q, k, v, bias.float().contiguous(), bias_idx.to(torch.int32).contiguous(), rows, grad_out,
             g_q, g_k, g_v, g_bias_per_window,
             n_wh, n_ww, window, q.shape[1], v.shape[1], bias.shape[0], scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *g_q.stride(), *g_v.stride(),
@@ -171,32 +175,32 @@ def _(q, k, v, bias, bias_idx, window, scale):
     batch, _, height, width = q.shape
     windows = batch * (height // window) * (width // window)
     return (v.new_empty((batch, v.shape[1], height, width)),
-            q.new_empty((windows, _config(q, v, window)["NP"]), dtype=torch.float32))
+            q.new_empty((windows, 2, _config(q, v, window)["NP"]), dtype=torch.float32))
 
 
 @torch.library.custom_op("mxa::window_attention_bwd", mutates_args=())
 def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         bias: torch.Tensor, bias_idx: torch.Tensor, lse: torch.Tensor, window: int, scale: float
+                         bias: torch.Tensor, bias_idx: torch.Tensor, rows: torch.Tensor, window: int, scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return window_attention_backward(grad_out, q, k, v, bias, bias_idx, lse, window, scale)
+    return window_attention_backward(grad_out, q, k, v, bias, bias_idx, rows, window, scale)
 
 
 @window_attention_bwd.register_fake
-def _(grad_out, q, k, v, bias, bias_idx, lse, window, scale):
+def _(grad_out, q, k, v, bias, bias_idx, rows, window, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, bias_idx, window, scale = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, bias, bias_idx, lse)
+    _, rows = output
+    ctx.mark_non_differentiable(rows)
+    ctx.save_for_backward(q, k, v, bias, bias_idx, rows)
     ctx.window, ctx.scale = window, scale
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, bias_idx, lse = ctx.saved_tensors
-    g_q, g_k, g_v, g_bias = torch.ops.mxa.window_attention_bwd(grad_out, q, k, v, bias, bias_idx, lse,
+def _backward(ctx, grad_out, _grad_rows):
+    q, k, v, bias, bias_idx, rows = ctx.saved_tensors
+    g_q, g_k, g_v, g_bias = torch.ops.mxa.window_attention_bwd(grad_out, q, k, v, bias, bias_idx, rows,
                                                                ctx.window, ctx.scale)
     return g_q, g_k, g_v, g_bias, None, None, None
 

@@ -14,9 +14,11 @@ from .efficientvit import (
     load_pretrained_file,
 )
 from .mxa import MedicalXRayAttention
+from .window_attention import FusedLocalWindowAttention
 
 __all__ = [
-    "FUSIONS", "VARIANTS", "CheckpointMismatchError", "MXAEfficientVit", "MXAEfficientVitBlock",
+    "FUSIONS", "VARIANTS", "CheckpointMismatchError", "FusedLocalWindowAttention", "MXAEfficientVit",
+    "MXAEfficientVitBlock",
     "MedicalXRayAttention", "create_model", "list_models", "load_pretrained_file",
 ]
 

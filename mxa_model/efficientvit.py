@@ -24,6 +24,7 @@ from timm.models.efficientvit_msra import (
 
 import mxa_kernels
 from .mxa import MedicalXRayAttention
+from .window_attention import FusedLocalWindowAttention
 
 FUSIONS = ("sum", "gate")
 
@@ -34,6 +35,9 @@ class CheckpointMismatchError(ValueError):
 
 class MXAEfficientVitBlock(EfficientVitBlock):
     """timm's EfficientViT block whose token mixer also runs an MXA branch in parallel.
+
+    The attention is :class:`FusedLocalWindowAttention`, timm's ``LocalWindowAttention`` with the same
+    parameters and buffers, so that the kernel backend can serve its per-head attention.
 
     The mixer computes ``x + attn(x) + mxa(x)`` (``fusion="sum"``) or
     ``x + s * attn(x) + (1 - s) * mxa(x)`` with ``s = sigmoid(alpha)`` (``fusion="gate"``; ``alpha``
@@ -59,6 +63,10 @@ class MXAEfficientVitBlock(EfficientVitBlock):
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__(dim, key_dim, num_heads, attn_ratio, resolution, window_resolution, list(kernels), **dd)
+        # timm's attention, whose per-head core the kernel backend can serve with the fused op
+        self.mixer.m = FusedLocalWindowAttention(dim, key_dim, num_heads, attn_ratio, resolution,
+                                                 window_resolution, list(kernels), **dd)
+        self.mixer.m.backend = backend
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
         self.fusion = fusion
@@ -140,8 +148,9 @@ class MXAEfficientVit(EfficientVitMsra):
         """Set the kernel backend of every fused op in the model (None: follow the global selection)."""
         if backend is not None:
             mxa_kernels.check_backend_name(backend)
-        for module in self.mxa_modules():
-            module.backend = backend
+        for module in self.modules():
+            if isinstance(module, (MedicalXRayAttention, FusedLocalWindowAttention)):
+                module.backend = backend
 
     def set_input_size(self, img_size=None) -> None:
         super().set_input_size(img_size)

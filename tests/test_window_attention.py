@@ -134,3 +134,78 @@ def test_bad_arguments_and_unsupported_windows():
     assert mxa_kernels.resolve_backend("window_attention", "auto", "cuda", args) == "eager"
     with pytest.raises(mxa_kernels.BackendUnavailableError, match="windows up to 8x8"):
         mxa_kernels.window_attention(*args, backend="triton")
+
+
+def randomized(module):
+    """timm zero-initializes the projection's BatchNorm (which zeroes every upstream gradient) and the
+    bias table: give every BatchNorm and the table random values."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_()
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        module.attn.attention_biases.normal_()
+    return module
+
+
+# (dim, heads, attn_ratio, map H, W, window), dim = heads * 16 * attn_ratio as in EfficientViT:
+# windows 7 and 4, maps 14, 7, 4 (M5's stage 1 head sizes) and maps needing padding
+MODULE_CASES = [(64, 4, 1, 14, 14, 7), (192, 3, 4, 7, 7, 7), (64, 2, 2, 4, 4, 4), (48, 3, 1, 10, 10, 7),
+                (32, 2, 1, 15, 9, 7), (32, 2, 1, 10, 6, 4)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", MODULE_CASES)
+def test_module_equals_timms_local_window_attention(case, training):
+    from timm.models.efficientvit_msra import LocalWindowAttention
+
+    from mxa_model.window_attention import FusedLocalWindowAttention
+
+    dim, heads, ratio, height, width, window = case
+    args = (dim, 16, heads, ratio, max(height, width), window)
+    reference = randomized(LocalWindowAttention(*args)).to(DEVICE).train(training)
+    fused_module = FusedLocalWindowAttention(*args).to(DEVICE).train(training)
+    fused_module.load_state_dict(reference.state_dict())
+    fused_module.backend = "triton"
+    x = torch.randn(2, dim, height, width, device=DEVICE)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_fused = reference(x_ref), fused_module(x_fused)
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out_fused.backward(grad)
+    assert rel_err(out_fused, out_ref) < 2e-5
+    assert rel_err(x_fused.grad, x_ref.grad) < 1e-4
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused_module.parameters()):
+        assert rel_err(p_fused.grad, p_ref.grad) < 1e-4, name
+    if training:  # the batch statistics the BatchNorms saw were the same
+        for (name, b_ref), b_fused in zip(reference.named_buffers(), fused_module.buffers()):
+            torch.testing.assert_close(b_fused, b_ref, msg=name)
+
+
+def test_the_model_with_every_fused_op_equals_eager():
+    import mxa_model
+
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, roi_mode="align").to(DEVICE)
+    for block in model.modules():
+        if hasattr(block, "mixer") and hasattr(block.mixer, "m"):
+            randomized(block.mixer.m)
+    x = torch.randn(2, 1, 64, 64, device=DEVICE)
+    results = {}
+    for backend in ("eager", "triton"):
+        copy = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, roi_mode="align", backend=backend)
+        copy.load_state_dict(model.state_dict())
+        out = copy.to(DEVICE).eval()(x)
+        # (eval mode: BatchNorm over two samples of 1x1 maps in training would make the deepest
+        # gradients ill-conditioned; the modules' training mode is tested above)
+        out.square().sum().backward()
+        results[backend] = (out, {n: p.grad for n, p in copy.named_parameters()})
+    assert rel_err(results["triton"][0], results["eager"][0]) < 1e-4
+    eager_grads, fused_grads = results["eager"][1], results["triton"][1]
+    everything = torch.cat([g.flatten() for g in eager_grads.values()])
+    assert rel_err(torch.cat([g.flatten() for g in fused_grads.values()]), everything) < 1e-4
+    # per parameter, against its own size, with a floor for gradients that nearly cancel to zero
+    # (one query BatchNorm bias here has a gradient of norm 5e-8 against 1e0 for the whole model)
+    for name, grad in eager_grads.items():
+        assert (fused_grads[name] - grad).norm() <= 1e-3 * grad.norm() + 1e-6 * everything.norm(), name
