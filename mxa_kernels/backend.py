@@ -113,6 +113,16 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_dtype_reason(t: torch.Tensor, what: str) -> str | None:
+    """Why a Triton kernel cannot take ``t``'s dtype (the kernels take float32, float16 and bfloat16;
+    bfloat16 products need sm_80 or newer), or None."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"{what} serves float32, float16 and bfloat16, got {t.dtype}"
+    if t.dtype == torch.bfloat16 and t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 0):
+        return "bfloat16 matrix products need a GPU of compute capability 8.0 or newer"
+    return None
+
+
 def triton_unavailable_reason(op: str, device: torch.device | str, args: tuple = ()) -> str | None:
     """Why the Triton backend cannot serve ``op`` on ``device`` (with arguments ``args``), or None."""
     if op not in _TRITON_OPS:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .backend import register_triton_op
+from .backend import kernel_dtype_reason, register_triton_op
 
 MAX_MAP_SIDE = 32
 # Channels per tile and warps per program, by padded map (16x16; 16x32 or 32x16; 32x32). Warps split
@@ -395,11 +395,7 @@ def unsupported_reason(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     """Why the fused kernel cannot serve these arguments, or None."""
     if max(x.shape[2:]) > MAX_MAP_SIDE:
         return f"the fused MXA branch serves maps up to {MAX_MAP_SIDE}x{MAX_MAP_SIDE}, got {x.shape[2]}x{x.shape[3]}"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the fused MXA branch serves float32, float16 and bfloat16 features, got {x.dtype}"
-    if x.dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "bfloat16 matrix products need a GPU of compute capability 8.0 or newer"
-    return None
+    return kernel_dtype_reason(x, "the fused MXA branch")
 
 
 def _launch_config(x: torch.Tensor, block_c: int | None) -> dict:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .backend import register_triton_op
+from .backend import kernel_dtype_reason, register_triton_op
 
 
 @triton.jit
@@ -219,11 +219,7 @@ def unsupported_reason(q, k, v, bias, bias_idx, window, scale) -> str | None:
         return f"the fused windowed attention serves windows up to 8x8, got {window}x{window}"
     if max(q.shape[1], v.shape[1]) > 128:
         return f"the fused windowed attention serves head dimensions up to 128, got {q.shape[1]} and {v.shape[1]}"
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the fused windowed attention serves float32, float16 and bfloat16, got {q.dtype}"
-    if q.dtype == torch.bfloat16 and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "bfloat16 matrix products need a GPU of compute capability 8.0 or newer"
-    return None
+    return kernel_dtype_reason(q, "the fused windowed attention")
 
 
 register_triton_op("window_attention", window_attention_triton, unsupported_reason)

@@ -134,6 +134,8 @@ def test_bad_arguments_and_unsupported_windows():
     assert mxa_kernels.resolve_backend("window_attention", "auto", "cuda", args) == "eager"
     with pytest.raises(mxa_kernels.BackendUnavailableError, match="windows up to 8x8"):
         mxa_kernels.window_attention(*args, backend="triton")
+    with pytest.raises(mxa_kernels.BackendUnavailableError, match="float32, float16 and bfloat16, got torch.float64"):
+        mxa_kernels.window_attention(q.double(), k.double(), v.double(), bias, idx, 3, 0.25, backend="triton")
 
 
 def randomized(module):
