@@ -37,6 +37,8 @@ class FusedLocalWindowAttention(LocalWindowAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         window = attn.resolution
+        if mxa_kernels.resolve_backend("window_attention", self.backend, x.device) == "eager":
+            return super().forward(x)
         # what the op will be asked (dtype, device, head sizes, window), to pick the path up front
         like_q, like_v = x.new_empty(1, attn.key_dim, 1, 1), x.new_empty(1, attn.val_dim, 1, 1)
         probe = (like_q, like_q, like_v, attn.attention_biases[0], attn.attention_bias_idxs, window, attn.scale)
