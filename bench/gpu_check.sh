@@ -10,7 +10,7 @@ card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 prefix="bench/results/$(date +%F)_${card}"
 status=0
 "$py" -m pytest -q -p no:cacheprovider tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
-    tests/test_window_attention.py 2>&1 \
+    tests/test_window_attention.py tests/test_cascaded_attention.py 2>&1 \
     | tee "${prefix}_tests.txt" || status=1
 for mode in crop align; do
     "$py" bench/mxa_branch.py --roi-mode "$mode" --json "${prefix}_mxa_branch_${mode}.json" 2>&1 \

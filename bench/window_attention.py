@@ -10,7 +10,8 @@ key dim 16, windows 7 / 7 / 4):
   (timm's computation is the eager reference ``window_attention_ref``; SDPA gets the window
   partition as copies and the bias as an additive mask);
 - ``module``: the whole ``LocalWindowAttention`` (cascade, projections, BatchNorm), training step
-  forward+backward and inference forward, timm's module vs ``FusedLocalWindowAttention``.
+  forward+backward and inference forward, timm's module vs ``FusedLocalWindowAttention`` (whose
+  inference forward is the one-launch ``cascaded_attention_infer`` kernel, BatchNorms folded).
 
 Median ms (``triton.testing.do_bench`` on a GPU; a smoke size and repeated CPU timer otherwise).
 """

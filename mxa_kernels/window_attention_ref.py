@@ -19,6 +19,12 @@ def _windows(t: torch.Tensor, window: int) -> torch.Tensor:
     return t.permute(0, 2, 4, 1, 3, 5).reshape(-1, depth, window * window)
 
 
+def _unwindows(t: torch.Tensor, batch: int, height: int, width: int, window: int) -> torch.Tensor:
+    """The inverse of :func:`_windows`: (B * windows, D, window * window) -> (B, D, H, W)."""
+    t = t.reshape(batch, height // window, width // window, -1, window, window)
+    return t.permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
+
+
 def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                          bias_idx: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """Windowed attention of one head.
@@ -32,9 +38,7 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         (B, Dv, H, W).
     """
     batch, _, height, width = q.shape
-    depth = v.shape[1]
     # a float32 bias table with half-precision maps (mixed precision) is cast to the maps' dtype
     scores = _windows(q, window).transpose(1, 2) @ _windows(k, window) * scale + bias[bias_idx].to(q.dtype)
     out = _windows(v, window) @ scores.softmax(dim=-1).transpose(1, 2)
-    out = out.reshape(batch, height // window, width // window, depth, window, window)
-    return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, depth, height, width)
+    return _unwindows(out, batch, height, width, window)

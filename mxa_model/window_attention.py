@@ -22,23 +22,67 @@ def _per_window(conv: torch.nn.Module, t: torch.Tensor, window: int) -> torch.Te
     return out.reshape(batch, -1, height, width)
 
 
-class FusedLocalWindowAttention(LocalWindowAttention):
-    """timm's ``LocalWindowAttention`` (same parameters, buffers and results) whose per-head attention
-    runs as :func:`mxa_kernels.window_attention` when the kernel backend resolves to Triton.
+def _fold(conv_norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of timm's ``ConvNorm`` (a convolution, then BatchNorm) as one convolution,
+    with the BatchNorm's running statistics (eval mode)."""
+    bn = conv_norm.bn
+    gain = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return conv_norm.conv.weight * gain[:, None, None, None], bn.bias - bn.running_mean * gain
 
-    With the Triton backend the cascade works on the whole (padded) map instead of on window copies:
-    the 1x1 projections and their BatchNorms are pointwise, so they see the same values; the query's
-    depthwise convolution still runs per window; the attention op reads q, k and v in place. With the
-    eager backend the forward is timm's own.
+
+class FusedLocalWindowAttention(LocalWindowAttention):
+    """timm's ``LocalWindowAttention`` (same parameters, buffers and results) served by the fused
+    kernels when the kernel backend resolves to Triton.
+
+    - Inference (eval mode, gradients off: ``torch.no_grad()`` or ``torch.inference_mode()``): the
+      whole block is :func:`mxa_kernels.cascaded_attention_infer`, one launch, with the BatchNorms
+      folded into the convolutions (see :meth:`folded_parameters`).
+    - Otherwise (training, or gradients wanted in eval mode): the cascade works on the whole (padded)
+      map instead of on window copies: the 1x1 projections and their BatchNorms are pointwise, so they
+      see the same values; the query's depthwise convolution still runs per window; each head's
+      attention is :func:`mxa_kernels.window_attention`, which reads q, k and v in place.
+
+    With the eager backend the forward is timm's own.
     """
 
     backend: str | None = None  # None: follow the global selection (mxa_kernels.set_backend)
+    _folded: tuple[torch.Tensor, ...] | None = None
+    _folded_key: tuple | None = None
+
+    def folded_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The block in eval mode as the arguments of :func:`mxa_kernels.cascaded_attention_infer` after
+        ``x``: q/k/v projections, query depthwise convolutions (zero-padded to the largest kernel),
+        bias table and index, output projection, with the BatchNorms folded in; the two projection
+        weights in ``dtype``. Cached until a parameter or BatchNorm statistic changes (PyTorch's version
+        counters track in-place updates, but not writes through ``.data``)."""
+        tensors = (*self.parameters(), *self.buffers())
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (dtype, *((t.data_ptr(), t._version) for t in tensors))
+        if key is not None and key == self._folded_key:
+            return self._folded
+        attn = self.attn
+        with torch.no_grad():
+            qkv_weight, qkv_bias = zip(*(_fold(qkv) for qkv in attn.qkvs))
+            dws = [_fold(dw) for dw in attn.dws]
+            kernel = max(w.shape[-1] for w, _ in dws)
+            dw_weight = torch.stack([F.pad(w[:, 0], ((kernel - w.shape[-1]) // 2,) * 4) for w, _ in dws])
+            proj_weight, proj_bias = _fold(attn.proj[1])
+            folded = (torch.stack(qkv_weight)[..., 0, 0].to(dtype), torch.stack(qkv_bias), dw_weight,
+                      torch.stack([b for _, b in dws]), attn.attention_biases.detach(), attn.attention_bias_idxs,
+                      proj_weight[..., 0, 0].to(dtype), proj_bias)
+        if key is not None:
+            self._folded, self._folded_key = folded, key
+        return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         window = attn.resolution
         if mxa_kernels.resolve_backend("window_attention", self.backend, x.device) == "eager":
             return super().forward(x)
+        if not self.training and not torch.is_grad_enabled():
+            args = (x, *self.folded_parameters(x.dtype), window, attn.scale)
+            if mxa_kernels.triton_unavailable_reason("cascaded_attention_infer", x.device, args) is None:
+                return mxa_kernels.cascaded_attention_infer(*args, backend="triton")
         # what the op will be asked (dtype, device, head sizes, window), to pick the path up front
         like_q, like_v = x.new_empty(1, attn.key_dim, 1, 1), x.new_empty(1, attn.val_dim, 1, 1)
         probe = (like_q, like_q, like_v, attn.attention_biases[0], attn.attention_bias_idxs, window, attn.scale)

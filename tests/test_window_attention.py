@@ -8,6 +8,7 @@ from timm.models.efficientvit_msra import CascadedGroupAttention
 
 import mxa_kernels
 from mxa_kernels import window_attention_ref
+from helpers import randomized, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,11 +59,6 @@ def fused(q, k, v, bias, idx, window, scale):
 
 
 NAMES = ["out", "grad q", "grad k", "grad v", "grad bias table"]
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all(), "non-finite values (an unwritten element?)"
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-12)).item()
 
 
 # (batch, key dim, value dim, H, W, window): the M5 stages at 224 px (14x14 and 7x7 maps in 7x7
@@ -136,20 +132,6 @@ def test_bad_arguments_and_unsupported_windows():
         mxa_kernels.window_attention(*args, backend="triton")
     with pytest.raises(mxa_kernels.BackendUnavailableError, match="float32, float16 and bfloat16, got torch.float64"):
         mxa_kernels.window_attention(q.double(), k.double(), v.double(), bias, idx, 3, 0.25, backend="triton")
-
-
-def randomized(module):
-    """timm zero-initializes the projection's BatchNorm (which zeroes every upstream gradient) and the
-    bias table: give every BatchNorm and the table random values."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-        module.attn.attention_biases.normal_()
-    return module
 
 
 # (dim, heads, attn_ratio, map H, W, window), dim = heads * 16 * attn_ratio as in EfficientViT:
