@@ -116,6 +116,17 @@ class MedicalXRayAttention(nn.Module):
         y1, y2 = torch.minimum(b1, b2) * (1 - m), m + torch.maximum(b1, b2) * (1 - m)
         return torch.stack([x1, y1, x2, y2], dim=1)
 
+    def sampled_boxes(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, 4) normalized boxes ``(x1, y1, x2, y2)`` the branch actually resamples: in crop mode
+        the snapped pixel box (the whole map when it is empty) over the map size; in align mode the box
+        clipped to the map."""
+        boxes = self.roi_boxes(x).detach()
+        if self.roi_mode == "align":
+            return boxes.clamp(0, 1)
+        height, width = x.shape[-2:]
+        scale = torch.tensor([width, height, width, height], device=x.device, dtype=torch.float32)
+        return mxa_kernels.snap_boxes(boxes, height, width).float() / scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         boxes = self.roi_boxes(x)
         return mxa_kernels.mxa_branch(

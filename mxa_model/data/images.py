@@ -1,0 +1,110 @@
+"""Reading radiographs (JPEG, PNG, DICOM) as one-channel float tensors in [0, 1]."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from PIL import Image
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageReadError(OSError, ValueError):
+    """An image file that cannot be read: missing, truncated, corrupt, or without pixel data.
+
+    ``str(error)`` is one line, ``"<path>: <reason>"``; ``path`` and ``reason`` are kept as attributes.
+    With ``reason`` left out the first argument is the whole message: that is how a DataLoader
+    re-raises a worker's error (``type(error)(message)``), which so keeps its type.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        self.path = path
+        self.reason = reason
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read a radiograph as a float32 tensor (1, H, W) in [0, 1], 0 black, 1 white.
+
+    JPEG, PNG and whatever else Pillow reads: 8-bit images are divided by 255, 16-bit grayscale
+    ("I;16" PNGs) by 65535, colour images are converted to luminance first. DICOM (a ``.dcm`` /
+    ``.dicom`` suffix, or the ``DICM`` magic at byte 128) goes through :func:`_dicom_pixels`.
+    Raises :class:`ImageReadError` naming the file for anything that cannot be read.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise ImageReadError(path, e.strerror or str(e)) from e
+    is_dicom = path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM"
+    # Decoders (Pillow's plugins, pydicom and its pixel handlers) raise many exception types for
+    # corrupt input (OSError, ValueError, SyntaxError, struct.error, ...): all mean "unreadable file".
+    try:
+        pixels = _dicom_pixels(path) if is_dicom else _pil_pixels(path)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        kind = "DICOM" if is_dicom else "image"
+        message = " ".join(str(e).split())  # one line, whatever the decoder wrote
+        raise ImageReadError(path, f"cannot read {kind}: {type(e).__name__}: {message}") from e
+    return torch.from_numpy(pixels).unsqueeze(0)
+
+
+def _pil_pixels(path: Path) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a file Pillow reads."""
+    with Image.open(path) as image:
+        image.load()  # decode now, so that a truncated file fails here (Image.open is lazy)
+        if image.mode in _SIXTEEN_BIT_MODES:
+            # Pillow keeps 16-bit grayscale as "I;16*" (older versions: "I", 32-bit): scale by 2**16 - 1
+            pixels = np.asarray(image, dtype=np.float32) / 65535.0
+            return np.clip(pixels, 0.0, 1.0)
+        if image.mode != "L":
+            image = image.convert("L")  # colour, palette, 1-bit, with alpha: to 8-bit luminance
+        return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _dicom_pixels(path: Path) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a single-frame grayscale DICOM file, white = dense.
+
+    The file must be in the DICOM file format (preamble and ``DICM`` magic), as files are since 1993.
+
+    The stored values are divided by their range: ``[0, 2**BitsStored - 1]`` (signed:
+    ``[-2**(BitsStored-1), 2**(BitsStored-1) - 1]``), or the image's own min..max when values
+    exceed it. No VOI LUT (window) is applied. The Modality LUT (Rescale Slope /
+    Intercept) is linear, so after that normalization only its sign remains: a negative slope
+    inverts. MONOCHROME1 (white = 0) is inverted so that dense tissue is bright, as in MONOCHROME2.
+    """
+    ds = pydicom.dcmread(path)  # not force=True: that would parse any bytes as some data set
+    if "PixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric!r}")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames) is not supported")
+    stored = ds.pixel_array.astype(np.float64)
+
+    bits = int(ds.BitsStored)  # decoding needs it, so it is there
+    signed = ds.get("PixelRepresentation", 0) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if stored.min() < low or stored.max() > high:
+        # pydicom 3 clears the bits above BitsStored, pydicom 2 leaves them (overlays, headers that lie)
+        low, high = stored.min(), stored.max()
+    pixels = (stored - low) / (high - low) if high > low else np.zeros_like(stored)
+
+    invert = photometric == "MONOCHROME1"
+    if float(ds.get("RescaleSlope", 1) or 1) < 0:
+        invert = not invert
+    if invert:
+        pixels = 1.0 - pixels
+    return pixels.astype(np.float32)

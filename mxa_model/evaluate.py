@@ -1,0 +1,108 @@
+"""Evaluation of a checkpoint on a CheXpert-format split: AUCs, ROC plot, and for MXA models the ROI boxes
+each MXA block samples, scored (on the embedded data set) against the boxes of the planted findings."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import CheXpertDataset, UncertaintyPolicy, eval_transform
+from .metrics import auc_report, box_iou, plot_roc
+from .train import distributed
+from .train.checkpoint import model_from_checkpoint
+from .train.loop import predict
+
+FINDINGS_FILE = "findings.csv"  # planted-finding boxes, written by the embedded data generator
+
+
+@torch.no_grad()
+def sampled_boxes(model, images: torch.Tensor) -> torch.Tensor:
+    """(blocks, B, 4) normalized boxes the MXA blocks of ``model`` sample for ``images``."""
+    modules = model.mxa_modules()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in modules]
+    try:
+        model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([m.sampled_boxes(inputs[m]).cpu() for m in modules])
+
+
+def read_findings(data_dir: str | Path) -> dict[str, list[tuple[str, tuple[float, ...]]]]:
+    """CSV path -> [(label, pixel box)] from the data folder's findings file ({} when there is none)."""
+    path = Path(data_dir) / FINDINGS_FILE
+    if not path.is_file():
+        return {}
+    found = defaultdict(list)
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            found[row["Path"]].append((row["Label"], tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1"))))
+    return dict(found)
+
+
+def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size: int = 32) -> dict:
+    """Mean over the images with planted findings of the best IoU between a block's sampled box and any
+    planted box (image coordinates normalized by the image size), per MXA block; and the same for the
+    whole image, the box a crop that never moved samples."""
+    from PIL import Image
+
+    with_findings = [i for i, r in enumerate(dataset.records) if r.csv_path in findings]
+    if not with_findings:
+        return {}
+    per_block, whole = [], []
+    for start in range(0, len(with_findings), batch_size):
+        chunk = with_findings[start:start + batch_size]
+        images = torch.stack([dataset[i][0] for i in chunk]).to(device)
+        boxes = sampled_boxes(model, images)  # (blocks, B, 4)
+        for j, i in enumerate(chunk):
+            record = dataset.records[i]
+            with Image.open(record.path) as im:
+                width, height = im.size
+            planted = [(b[0] / width, b[1] / height, b[2] / width, b[3] / height) for _, b in findings[record.csv_path]]
+            per_block.append([max(box_iou(box.tolist(), p) for p in planted) for box in boxes[:, j]])
+            whole.append(max(box_iou((0.0, 0.0, 1.0, 1.0), p) for p in planted))
+    blocks = torch.tensor(per_block).mean(dim=0).tolist()
+    return {"images": len(per_block), "iou_per_block": blocks, "iou_mean": sum(blocks) / len(blocks),
+            "iou_best_block": max(blocks), "iou_whole_image": sum(whole) / len(whole)}
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", json_path: str | Path | None = None,
+             report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 0, device: str | None = None,
+             backend: str | None = None, progress: bool = True) -> dict:
+    """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``."""
+    model, state = model_from_checkpoint(checkpoint)
+    config = state.get("config", {})
+    img_size = config.get("img_size", 224)
+    ctx = distributed.Context(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if backend is not None and hasattr(model, "set_backend"):
+        model.set_backend(backend)
+    model.to(ctx.device).eval()
+    dataset = CheXpertDataset(data, split, policy=UncertaintyPolicy.parse(config.get("policy", "ones")),
+                              views=tuple(config.get("views", ("frontal",))), transform=eval_transform(img_size))
+    if len(dataset) == 0:
+        raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    probs, targets, mask, _ = predict(model, loader, ctx, progress=progress)
+    labels = list(state.get("labels", dataset.labels))
+    result = {"checkpoint": str(checkpoint), "model": state["model_name"], "split": split, "data": str(data),
+              **auc_report(probs, targets, mask, labels)}
+    if hasattr(model, "mxa_modules"):
+        result["roi_mode"] = state["model_kwargs"].get("roi_mode")
+        findings = read_findings(data)
+        if findings:
+            result["roi_iou"] = roi_iou(model, dataset, findings, ctx.device)
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plot_roc(probs, targets, mask, labels, report_dir / "roc.png", title=f"{state['model_name']} on {split}")
+        result["roc_png"] = str(report_dir / "roc.png")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

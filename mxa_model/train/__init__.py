@@ -1,0 +1,1 @@
+"""Training: the trainer loop, losses, checkpoints and the distributed set-up."""

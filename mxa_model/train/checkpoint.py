@@ -1,0 +1,109 @@
+"""Training checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects): the model's name and
+construction arguments (so that ``mxa eval`` and ``mxa predict`` rebuild it), its weights, and for
+``--resume`` the optimizer, scheduler, gradient scaler, EMA weights, epoch and every RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "mxa-engine-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, does not fit, or could not be written."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically: into a temporary file in the same folder, flushed to disk,
+    then renamed over ``path``. If anything fails (disk full, no permission) the previous file at
+    ``path`` is left intact and :class:`CheckpointError` says so."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state, format=FORMAT), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        kept = "the previous checkpoint there is intact" if path.exists() else "no earlier checkpoint existed"
+        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); {kept}") from exc
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: a file that smuggles
+    pickled code is refused without running it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an MXA Engine training checkpoint (mxa train writes them)")
+    return state
+
+
+def build_model(name: str, kwargs: dict) -> torch.nn.Module:
+    """The model a checkpoint names (an MXA model or any timm model, e.g. the densenet121 teacher)."""
+    import mxa_model
+
+    return mxa_model.create_model(name, **kwargs)
+
+
+def model_from_checkpoint(path: str | os.PathLike, expect: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model a checkpoint holds (the EMA weights when it has them) and return it with the
+    checkpoint. ``expect``: a model name the checkpoint must hold."""
+    state = load_checkpoint(path)
+    name = state["model_name"]
+    if expect is not None and name != expect:
+        raise CheckpointError(f"checkpoint {path} holds a {name} model, not {expect}")
+    model = build_model(name, state["model_kwargs"])
+    weights = state.get("model_ema") or state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit model {name}: {str(exc).splitlines()[0]}") from exc
+    return model, state
+
+
+def rng_state() -> dict:
+    """Every RNG a training run draws from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+__all__ = ["CheckpointError", "build_model", "load_checkpoint", "model_from_checkpoint", "rng_state",
+           "save_checkpoint", "set_rng_state"]

@@ -1,0 +1,75 @@
+"""DistributedDataParallel set-up under ``torchrun`` (nccl on GPUs, gloo on the CPU), and the gather of
+evaluation predictions without the duplicates a DistributedSampler pads with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+
+def setup(device: str | None = None) -> Context:
+    """Join the process group ``torchrun`` describes in the environment (a single process otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if world_size == 1:
+        return Context(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(rank=rank, world_size=world_size, device=device)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_by_index(ctx: Context, index: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' rows, each sample once, ordered by ``index`` (the sampler's padding repeats samples)."""
+    if ctx.distributed:
+        gathered = [None] * ctx.world_size
+        dist.all_gather_object(gathered, [t.cpu() for t in (index, *columns)])
+        index, *columns = (torch.cat(parts) for parts in zip(*gathered))
+    order = torch.argsort(index, stable=True)
+    index = index[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    return (index[first], *(c[order][first] for c in columns))
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def broadcast_flag(ctx: Context, flag: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    if not ctx.distributed:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])

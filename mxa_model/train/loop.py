@@ -1,0 +1,328 @@
+"""The trainer: supervised training (a student, or the DenseNet-121 teacher) and knowledge distillation
+into an MXA student, with checkpoints each epoch and an exact ``--resume``.
+
+Each epoch draws its shuffle order and augmentations from generators seeded by (seed, epoch), and the
+checkpoint written at its end holds every RNG state, so a run interrupted at any point and resumed
+from its last checkpoint ends with the same weights as an uninterrupted run (deterministic CPU run).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
+from ..metrics import auc_report
+from . import distributed
+from .checkpoint import CheckpointError, build_model, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .losses import DISTILL_TYPES, distillation_loss, supervised_loss
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+CLIP_MODES = ("norm", "agc", "value")
+LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
+              "ema_auc_macro", "ema_auc_micro", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``mxa train`` flags map one to one onto these fields."""
+
+    data: str
+    output: str
+    model: str = "mxa_efficientvit_m5"
+    epochs: int = 10
+    img_size: int = 224
+    batch_size: int = 32
+    teacher: str | None = None  # a teacher checkpoint: distill into the model
+    distill_type: str = "soft"
+    alpha: float = 0.5
+    tau: float = 1.0
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.025
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    ema_decay: float | None = None
+    amp: str = "auto"
+    channels_last: bool = False
+    backend: str | None = None
+    compile: bool = False
+    seed: int = 0
+    workers: int = 0
+    roi_mode: str = "crop"
+    policy: str = "ones"
+    views: tuple[str, ...] = ("frontal",)
+    augment: float = 1.0
+    resume: bool = False
+    device: str | None = None
+    progress: bool = True
+    max_steps_per_epoch: int | None = None  # a short run (tests, smoke runs)
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.distill_type not in DISTILL_TYPES:
+            raise ValueError(f"--distill-type must be one of {', '.join(DISTILL_TYPES)}, got {self.distill_type!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
+        for name in ("epochs", "img_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.alpha <= 1 or self.tau <= 0:
+            raise ValueError(f"--alpha must be in [0, 1] and --tau positive, got {self.alpha} and {self.tau}")
+        if self.teacher is not None and not Path(self.teacher).is_file():
+            raise FileNotFoundError(f"teacher checkpoint not found: {self.teacher}")
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+    """Construction arguments of the model ``cfg`` names (stored in checkpoints)."""
+    kwargs = {"num_classes": num_classes, "in_chans": 1}
+    if cfg.model.startswith("mxa_"):
+        kwargs.update(img_size=cfg.img_size, roi_mode=cfg.roi_mode, distilled=cfg.teacher is not None)
+    return kwargs
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """The autocast context of this run: bf16 (or fp16 with a gradient scaler) on a GPU, none on the CPU."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, train: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    sampler = None
+    if ctx.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
+                                     seed=cfg.seed, drop_last=train)
+        sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=cfg.workers, drop_last=train and len(dataset) > cfg.batch_size,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+
+
+@torch.no_grad()
+def predict(model, loader, ctx: distributed.Context, dtype=None, channels_last=False, progress=False, desc="eval"):
+    """Sigmoid probabilities, targets, masks and dataset indices of every sample, once each."""
+    model.eval()
+    rows = {"index": [], "probs": [], "targets": [], "mask": []}
+    for images, targets, mask, index in tqdm(loader, desc=desc, disable=not (progress and ctx.main), leave=False):
+        images = images.to(ctx.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+        rows["probs"].append(torch.sigmoid(logits.float()).cpu())
+        rows["targets"].append(targets)
+        rows["mask"].append(mask)
+        rows["index"].append(index)
+    index, probs, targets, mask = distributed.gather_by_index(ctx, *(torch.cat(rows[k]) for k in ("index", "probs", "targets", "mask")))
+    return probs, targets, mask, index
+
+
+def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the training ``cfg`` describes; returns the summary also written to ``OUTPUT/summary.json``."""
+    cfg.check()
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
+    out = Path(cfg.output)
+    say = print if ctx.main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    policy = UncertaintyPolicy.parse(cfg.policy)
+    train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views,
+                                transform=train_transform(cfg.img_size, cfg.augment))
+    valid_set = CheXpertDataset(cfg.data, "valid", policy=policy, views=cfg.views, transform=eval_transform(cfg.img_size))
+    labels = list(train_set.labels)
+    if len(train_set) == 0 or len(valid_set) == 0:
+        raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
+                         f"({len(train_set)} train, {len(valid_set)} valid)")
+
+    kwargs = model_kwargs(cfg, len(labels))
+    model = build_model(cfg.model, kwargs)
+    if cfg.backend is not None and hasattr(model, "set_backend"):
+        model.set_backend(cfg.backend)
+    model.to(ctx.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher, _ = model_from_checkpoint(cfg.teacher)
+        teacher.to(ctx.device).eval().requires_grad_(False)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(_loader(train_set, cfg, ctx, 0, train=True))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    amp_dtype = _autocast(cfg, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+
+    start_epoch, best, step = 0, -math.inf, 0
+    last, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.csv"
+    if cfg.resume and last.exists():
+        state = load_checkpoint(last)
+        if state["model_name"] != cfg.model or state["model_kwargs"] != kwargs:
+            raise CheckpointError(f"{last} holds a {state['model_name']} {state['model_kwargs']} run, "
+                                  f"not this {cfg.model} {kwargs} one: use another --output")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.module.load_state_dict(state["model_ema"])
+        start_epoch, best, step = state["epoch"] + 1, state["best_auc"], state["step"]
+        set_rng_state(state["rng"])
+        say(f"resumed from {last}: epoch {state['epoch'] + 1} of {cfg.epochs} done")
+    elif cfg.resume:
+        say(f"--resume: no checkpoint at {last} yet, starting afresh")
+    log_rows = _read_log(log_path, start_epoch - 1) if ctx.main else []
+
+    forward_model = model
+    if ctx.distributed:
+        # the authors' crop never trains its ROI predictor: those parameters get no gradient
+        frozen_roi = any(m.roi_mode == "crop" for m in getattr(model, "mxa_modules", list)())
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=frozen_roi)
+    if cfg.compile:
+        forward_model = torch.compile(forward_model)
+    writer = _tensorboard(out) if ctx.main else None
+    say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {len(train_set)} "
+        f"images, validating on {len(valid_set)}, {ctx.world_size} process(es) on {ctx.device}"
+        + (f", distilling from {cfg.teacher}" if teacher is not None else ""))
+    summary = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        train_set.set_epoch(epoch)
+        loader = _loader(train_set, cfg, ctx, epoch, train=True)
+        model.train()
+        total, count, seen = 0.0, 0, 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.main))
+        for batch_no, (images, targets, mask, _) in enumerate(bar):
+            if batch_no >= steps_per_epoch:
+                break
+            images = images.to(ctx.device, non_blocking=True)
+            targets, mask = targets.to(ctx.device), mask.to(ctx.device)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = forward_model(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
+                else:
+                    loss = supervised_loss(outputs, targets, mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, batch {batch_no + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            total += loss.item() * images.shape[0]
+            count += images.shape[0]
+            seen += images.shape[0] * ctx.world_size
+            bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        bar.close()
+        images_per_s = seen / (time.perf_counter() - started)
+
+        valid_loader = _loader(valid_set, cfg, ctx, epoch, train=False)
+        report = auc_report(*predict(model, valid_loader, ctx, amp_dtype, cfg.channels_last, cfg.progress)[:3], labels)
+        ema_report = None
+        if ema is not None:
+            ema_report = auc_report(*predict(ema.module, valid_loader, ctx, amp_dtype, cfg.channels_last)[:3], labels)
+        score = (ema_report or report)["auc_macro"]
+        score = -math.inf if score is None else score
+        is_best = score > best
+        best = max(best, score)
+        if ctx.main:
+            state = {
+                "model_name": cfg.model, "model_kwargs": kwargs, "labels": labels,
+                "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "best_auc": best, "rng": rng_state(),
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "valid": {k: report[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
+            }
+            save_checkpoint(last, state)
+            if is_best:
+                save_checkpoint(best_path, state)
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
+                   "images_per_s": images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
+                   "auc_competition": report["auc_competition"],
+                   "ema_auc_macro": ema_report and ema_report["auc_macro"],
+                   "ema_auc_micro": ema_report and ema_report["auc_micro"],
+                   "seconds": time.perf_counter() - started}
+            log_rows.append(row)
+            _write_log(log_path, log_rows)
+            if writer is not None:
+                for key in ("train_loss", "auc_macro", "auc_micro", "images_per_s"):
+                    if row[key] is not None:
+                        writer.add_scalar(key, row[key], epoch + 1)
+            shown = "undefined" if report["auc_macro"] is None else f"{report['auc_macro']:.4f}"
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, {images_per_s:.1f} images/s, "
+                f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
+        distributed.barrier(ctx)
+        summary = {"output": str(out), "last": str(last), "best": str(best_path), "best_auc_macro": best,
+                   "epochs": cfg.epochs, "valid": report}
+    if writer is not None:
+        writer.close()
+    if ctx.main and summary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer when tensorboard is installed (logs under OUTPUT/tensorboard), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

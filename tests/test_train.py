@@ -1,0 +1,93 @@
+"""The trainer end to end on a tiny embedded data set (CPU, deterministic): supervised and distilled runs,
+an interrupted run resumed from its checkpoint equal to an uninterrupted one, and DistributedDataParallel
+with two gloo processes whose metrics count every validation image once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mxa_model.data.synth import generate
+from mxa_model.train import checkpoint as ckpt
+from mxa_model.train import loop
+from mxa_model.train.loop import TrainConfig, train
+
+N_VALID = 15  # odd: two processes' DistributedSampler pads the split with a duplicate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(generate(tmp_path_factory.mktemp("synth"), n_train=40, n_valid=N_VALID, img_size=64, seed=1,
+                        workers=1, progress=False))
+
+
+def config(data, output, **kw):
+    base = dict(data=data, output=str(output), model="mxa_efficientvit_m0", epochs=2, img_size=64, batch_size=8,
+                workers=0, progress=False, max_steps_per_epoch=3, roi_mode="align", ema_decay=0.9, clip_grad=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_supervised_run_writes_checkpoints_and_log(data, tmp_path):
+    summary = train(config(data, tmp_path))
+    assert {p.name for p in tmp_path.iterdir()} >= {"last.pt", "best.pt", "log.csv", "summary.json"}
+    state = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and state["step"] == 6 and state["model_ema"] is not None
+    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 3
+    assert summary["valid"]["n_samples"] == N_VALID
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train(config(data, whole))
+    # the same run, killed in the middle of its second epoch, then resumed
+    broken = tmp_path / "broken"
+    real_loss, calls = loop.supervised_loss, []
+
+    def dying_loss(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+    monkeypatch.setattr(loop, "supervised_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, broken))
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(broken / "last.pt")["epoch"] == 0
+    train(config(data, broken, resume=True))
+    want, got = ckpt.load_checkpoint(whole / "last.pt"), ckpt.load_checkpoint(broken / "last.pt")
+    for part in ("model", "model_ema"):
+        for key, value in want[part].items():
+            assert torch.equal(got[part][key], value), f"{part} {key}"
+    assert got["optimizer"]["state"][0]["step"] == want["optimizer"]["state"][0]["step"]
+    assert (broken / "log.csv").read_text() != "" and len((broken / "log.csv").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_another_model(data, tmp_path):
+    train(config(data, tmp_path, epochs=1))
+    with pytest.raises(ckpt.CheckpointError, match="use another --output"):
+        train(config(data, tmp_path, epochs=1, model="mxa_efficientvit_m1", resume=True))
+
+
+def test_distillation_from_a_teacher_checkpoint(data, tmp_path):
+    train(config(data, tmp_path / "teacher", model="densenet121", epochs=1, max_steps_per_epoch=2, ema_decay=None))
+    summary = train(config(data, tmp_path / "student", epochs=1, teacher=str(tmp_path / "teacher" / "best.pt"),
+                           distill_type="hard", alpha=0.7, tau=2.0))
+    state = ckpt.load_checkpoint(tmp_path / "student" / "best.pt")
+    assert state["model_kwargs"]["distilled"] and any(k.startswith("head_dist.") for k in state["model"])
+    assert summary["valid"]["auc_macro"] is not None
+
+
+def test_two_gloo_processes_count_every_validation_image_once(data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "mxa_model.cli", "train", "--data", data, "--output", str(tmp_path), "--model", "mxa_efficientvit_m0",
+           "--epochs", "1", "--img-size", "64", "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--quiet",
+           "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["valid"]["n_samples"] == N_VALID
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 2
