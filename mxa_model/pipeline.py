@@ -19,11 +19,11 @@ from .train.loop import TrainConfig, train
 @dataclass
 class DemoConfig:
     output: str = "mxa-demo"
-    n_train: int = 2000
+    n_train: int = 1600
     n_valid: int = 300
-    img_size: int = 96
+    img_size: int = 64
     teacher_epochs: int = 3
-    student_epochs: int = 6
+    student_epochs: int = 5
     student: str = "mxa_efficientvit_m0"
     roi_mode: str = "align"
     batch_size: int = 32
@@ -66,8 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                             workers=cfg.workers, backend=cfg.backend,
                                                             progress=cfg.progress))
     teacher_result = evaluate(out / "teacher" / "best.pt", data, "valid", workers=cfg.workers, progress=False)
-    with_findings = sorted(read_findings(data))[:4]
-    files = [data.parent / p for p in with_findings if p.split("/")[1] == "valid"][:4]
+    files = [data.parent / p for p in sorted(read_findings(data)) if p.split("/")[1] == "valid"][:4]
     overlays = predict_files(out / "student" / "best.pt", files, overlay_dir=report_dir / "overlays") if files else []
     total = time.perf_counter() - started
     _write_report(report_dir / "report.md", cfg, result, teacher_result, overlays, timings, total)

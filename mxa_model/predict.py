@@ -15,13 +15,25 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 STAGE_COLOURS = ("#00e5ff", "#ffd400", "#ff3d8b", "#7cff4d")
 
 
-def grad_cam(model, image: torch.Tensor, label: int) -> torch.Tensor:
-    """(H, W) Grad-CAM in [0, 1] of logit ``label`` over the last feature map, upsampled to the image."""
+def grad_cam(model, image: torch.Tensor, label: int, min_side: int = 4) -> torch.Tensor:
+    """(H, W) Grad-CAM in [0, 1] of logit ``label``, upsampled to the image. It uses the last stage's
+    feature map that is at least ``min_side`` pixels wide (a small input leaves the last stage 1x1, whose
+    CAM is a constant), or the last feature map for models without stages."""
     model.eval()
-    with torch.enable_grad():
-        features = model.forward_features(image[None]).detach().requires_grad_()
-        logit = model.forward_head(features)[0, label]
-        (grad,) = torch.autograd.grad(logit, features)
+    stages = getattr(model, "stages", None) or getattr(model, "features", None)
+    maps = []
+    hooks = [m.register_forward_hook(lambda m, args, out: maps.append(out)) for m in (stages or [])]
+    try:
+        with torch.enable_grad():
+            image = image[None].detach().requires_grad_()  # so that every stage's output is in the graph
+            logit = model(image)[0, label]
+            maps = [f for f in maps if isinstance(f, torch.Tensor) and f.dim() == 4]
+            wide = [f for f in maps if min(f.shape[-2:]) >= min_side]
+            features = (wide or maps)[-1]
+            (grad,) = torch.autograd.grad(logit, features)
+    finally:
+        for hook in hooks:
+            hook.remove()
     cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * features.detach()).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     return cam / cam.max() if cam.max() > 0 else cam
@@ -36,8 +48,10 @@ def _overlay(image: torch.Tensor, cam: torch.Tensor, boxes: torch.Tensor | None,
 
     side_h, side_w = image.shape[-2:]
     fig, ax = plt.subplots(figsize=(5, 5.4))
-    ax.imshow(image[0].numpy(), cmap="gray")
-    ax.imshow(cam.numpy(), cmap="jet", alpha=0.35)
+    ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    heat = plt.get_cmap("inferno")(cam.numpy())
+    heat[..., 3] = 0.55 * cam.numpy()  # opaque where the activation is high, clear where it is zero
+    ax.imshow(heat)
     if boxes is not None:
         for b, box in enumerate(boxes.tolist()):
             x1, y1, x2, y2 = box[0] * side_w, box[1] * side_h, box[2] * side_w, box[3] * side_h
@@ -72,7 +86,8 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: 
             overlay_dir.mkdir(parents=True, exist_ok=True)
             top = int(probs.argmax())
             boxes = sampled_boxes(model, image[None])[:, 0] if hasattr(model, "mxa_modules") else None
-            target = overlay_dir / f"{Path(file).stem}_overlay.png"
+            # CheXpert files share names (view1_frontal.jpg): name the overlay after patient and study too
+            target = overlay_dir / ("_".join(Path(file).with_suffix("").parts[-3:]) + "_overlay.png")
             shown = image.cpu() * 0.25 + 0.5  # undo the normalization for display, approximately
             _overlay(shown.clamp(0, 1), grad_cam(model, image, top).cpu(), boxes.cpu() if boxes is not None else None,
                      f"{Path(file).name}: {labels[top]} {probs[top]:.2f}", target)
