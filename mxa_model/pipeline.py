@@ -27,6 +27,7 @@ class DemoConfig:
     student: str = "mxa_efficientvit_m0"
     roi_mode: str = "align"
     batch_size: int = 32
+    augment: float = 0.5  # milder than for real data: the generator already varies pose and exposure
     workers: int = 2
     seed: int = 0
     backend: str | None = None
@@ -53,7 +54,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                                   img_size=cfg.img_size, seed=cfg.seed,
                                                                   progress=cfg.progress))
     common = dict(data=str(data), img_size=cfg.img_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                  seed=cfg.seed, progress=cfg.progress, backend=cfg.backend, lr=2e-3, warmup_epochs=0.5)
+                  seed=cfg.seed, progress=cfg.progress, backend=cfg.backend, lr=2e-3, warmup_epochs=0.5,
+                  augment=cfg.augment)
     teacher = TrainConfig(output=str(out / "teacher"), model="densenet121", epochs=cfg.teacher_epochs, **common)
     stage("train the DenseNet-121 teacher", lambda: train(teacher))
     student = TrainConfig(output=str(out / "student"), model=cfg.student, epochs=cfg.student_epochs,
