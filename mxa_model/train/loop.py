@@ -168,8 +168,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     torch.manual_seed(cfg.seed)
     policy = UncertaintyPolicy.parse(cfg.policy)
     train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views,
-                                transform=train_transform(cfg.img_size, cfg.augment))
-    valid_set = CheXpertDataset(cfg.data, "valid", policy=policy, views=cfg.views, transform=eval_transform(cfg.img_size))
+                                transform=train_transform(cfg.img_size, cfg.augment), seed=cfg.seed)
+    valid_set = CheXpertDataset(cfg.data, "valid", policy=policy, views=cfg.views, transform=eval_transform(cfg.img_size),
+                                seed=cfg.seed)
     labels = list(train_set.labels)
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
@@ -215,6 +216,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         say(f"resumed from {last}: epoch {state['epoch'] + 1} of {cfg.epochs} done")
     elif cfg.resume:
         say(f"--resume: no checkpoint at {last} yet, starting afresh")
+    if start_epoch >= cfg.epochs:
+        say(f"nothing to do: all {cfg.epochs} epochs of {out} are done")
     log_rows = _read_log(log_path, start_epoch - 1) if ctx.main else []
 
     forward_model = model
