@@ -11,6 +11,7 @@ import torch
 
 import mxa_kernels
 import mxa_model
+from mxa_model.train.distributed import default_device
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def step_time(args: argparse.Namespace) -> int:
     """Build a model and time training steps (forward, backward, AdamW) on random images and labels."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     if args.backend is not None:
         mxa_kernels.set_backend(args.backend)
     model = mxa_model.create_model(args.model, img_size=args.img_size, num_classes=args.num_classes,
@@ -105,7 +106,7 @@ def train(args: argparse.Namespace) -> int:
         tau=args.tau, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         clip_grad=args.clip_grad, clip_mode=args.clip_mode, ema_decay=args.ema_decay, amp=args.amp,
         channels_last=args.channels_last, backend=args.backend, compile=args.compile, seed=args.seed,
-        workers=args.workers, roi_mode=args.roi_mode, policy=args.policy, views=tuple(args.views.split(",")),
+        workers=args.workers, roi_mode=args.roi_mode, policy=args.policy, views=tuple(v.strip() for v in args.views.split(",")),
         augment=args.augment, resume=args.resume, device=args.device, progress=not args.quiet,
         max_steps_per_epoch=args.max_steps)
     summary = run(cfg)
@@ -267,18 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "steps", "img_size", "num_classes", "in_chans", "epochs", "n_train", "n_valid"):
-        if getattr(args, name, 1) < 1:
-            print(f"mxa: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+    for name in ("batch_size", "steps", "img_size", "num_classes", "in_chans", "epochs", "n_train", "n_valid",
+                 "teacher_epochs", "max_steps", "workers"):
+        value, least = getattr(args, name, None), 0 if name == "workers" else 1
+        if value is not None and value < least:
+            print(f"mxa: error: --{name.replace('_', '-')} must be at least {least}", file=sys.stderr)
             return 2
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, CheckpointError, DataFormatError, ImageReadError,
             mxa_kernels.BackendUnavailableError) as exc:
-        print(f"mxa: error: {exc}", file=sys.stderr)
+        # one line: an error raised in a data-loader worker arrives with the worker's traceback before it
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        print(f"mxa: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("mxa: interrupted; `mxa train --resume` continues from the last checkpoint", file=sys.stderr)
+        hint = "; the same command with --resume continues from the last checkpoint" if args.command == "train" else ""
+        print(f"mxa: interrupted{hint}", file=sys.stderr)
         return 130
 
 

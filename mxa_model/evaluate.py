@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .data import CheXpertDataset, UncertaintyPolicy, eval_transform
+from .data import CheXpertDataset, eval_transform, load_image
+from .data.labels import FINDINGS_FILE
 from .metrics import auc_report, box_iou, plot_roc
 from .train import distributed
 from .train.checkpoint import model_from_checkpoint
-from .train.loop import predict
-
-FINDINGS_FILE = "findings.csv"  # planted-finding boxes, written by the embedded data generator
+from .train.loop import EVAL_POLICY, predict
 
 
 @torch.no_grad()
@@ -50,8 +49,6 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
     """Mean over the images with planted findings of the best IoU between a block's sampled box and any
     planted box (image coordinates normalized by the image size), per MXA block; and the same for the
     whole image, the box a crop that never moved samples."""
-    from PIL import Image
-
     with_findings = [i for i, r in enumerate(dataset.records) if r.csv_path in findings]
     if not with_findings:
         return {}
@@ -62,8 +59,7 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
         boxes = sampled_boxes(model, images)  # (blocks, B, 4)
         for j, i in enumerate(chunk):
             record = dataset.records[i]
-            with Image.open(record.path) as im:
-                width, height = im.size
+            height, width = load_image(record.path).shape[-2:]
             planted = [(b[0] / width, b[1] / height, b[2] / width, b[3] / height) for _, b in findings[record.csv_path]]
             per_block.append([max(box_iou(box.tolist(), p) for p in planted) for box in boxes[:, j]])
             whole.append(max(box_iou((0.0, 0.0, 1.0, 1.0), p) for p in planted))
@@ -79,12 +75,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", jso
     model, state = model_from_checkpoint(checkpoint)
     config = state.get("config", {})
     img_size = config.get("img_size", 224)
-    ctx = distributed.Context(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    ctx = distributed.Context(device=distributed.default_device(device))
     if backend is not None and hasattr(model, "set_backend"):
         model.set_backend(backend)
     model.to(ctx.device).eval()
-    dataset = CheXpertDataset(data, split, policy=UncertaintyPolicy.parse(config.get("policy", "ones")),
-                              views=tuple(config.get("views", ("frontal",))), transform=eval_transform(img_size))
+    # only labelled cells are scored: uncertain cells are left out, whatever the training policy
+    dataset = CheXpertDataset(data, split, policy=EVAL_POLICY, views=tuple(config.get("views", ("frontal",))),
+                              transform=eval_transform(img_size))
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)

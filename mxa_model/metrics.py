@@ -4,7 +4,6 @@ box IoU."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -34,7 +33,8 @@ def auc_report(probs, targets, mask, labels) -> dict:
         positives[label] = int(y.sum())
         if y.all() or not y.any():
             per_label[label] = thresholds[label] = None
-            undefined[label] = f"{'no negative' if y.any() else 'no positive'} among {len(y)} labelled samples"
+            undefined[label] = (f"{'no negative' if y.any() else 'no positive'} among {len(y)} labelled samples"
+                                if len(y) else "no labelled samples")
             continue
         per_label[label] = float(roc_auc_score(y, p))
         fpr, tpr, cuts = roc_curve(y, p)
@@ -87,13 +87,15 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def format_auc(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 def format_auc_table(report: dict) -> str:
     """The per-label AUCs and the means as a Markdown table."""
     rows = ["| finding | AUC | positives |", "| --- | ---: | ---: |"]
     for label, auc in report["auc_per_label"].items():
-        shown = "undefined" if auc is None else f"{auc:.3f}"
-        rows.append(f"| {label} | {shown} | {report['positives'][label]} |")
+        rows.append(f"| {label} | {format_auc(auc)} | {report['positives'][label]} |")
     for key in ("auc_macro", "auc_micro", "auc_competition"):
-        value = report[key]
-        rows.append(f"| **{key}** | {'undefined' if value is None or math.isnan(value) else f'{value:.3f}'} | |")
+        rows.append(f"| **{key}** | {format_auc(report[key])} | |")
     return "\n".join(rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 from .data.labels import DATASET_FOLDER
 from .data.synth import generate
 from .evaluate import evaluate, read_findings
-from .metrics import format_auc_table
+from .metrics import format_auc, format_auc_table
 from .predict import predict_files
 from .train.loop import TrainConfig, train
 
@@ -47,12 +47,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         return result
 
     data = out / "data" / DATASET_FOLDER
-    if (data / "valid.csv").is_file():
+    # reuse a data set only when it was generated completely, with these settings
+    marker = out / "data" / "generated.json"
+    settings = {"n_train": cfg.n_train, "n_valid": cfg.n_valid, "img_size": cfg.img_size, "seed": cfg.seed}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
         print(f"using the data set already at {data}")
     else:
+        marker.unlink(missing_ok=True)
         stage("generate the embedded data set", lambda: generate(out / "data", n_train=cfg.n_train, n_valid=cfg.n_valid,
                                                                   img_size=cfg.img_size, seed=cfg.seed,
                                                                   progress=cfg.progress))
+        marker.write_text(json.dumps(settings))
     common = dict(data=str(data), img_size=cfg.img_size, batch_size=cfg.batch_size, workers=cfg.workers,
                   seed=cfg.seed, progress=cfg.progress, backend=cfg.backend, lr=2e-3, warmup_epochs=0.5,
                   augment=cfg.augment)
@@ -98,7 +103,7 @@ def _write_report(path: Path, cfg: DemoConfig, result: dict, teacher: dict, over
         "",
         format_auc_table(result),
         "",
-        f"Teacher: mean AUC {_fmt(teacher['auc_macro'])}, micro AUC {_fmt(teacher['auc_micro'])}.",
+        f"Teacher: mean AUC {format_auc(teacher['auc_macro'])}, micro AUC {format_auc(teacher['auc_micro'])}.",
         "",
         "![ROC curves](roc.png)",
         "",
@@ -115,7 +120,3 @@ def _write_report(path: Path, cfg: DemoConfig, result: dict, teacher: dict, over
         lines.append(f"![{Path(o['file']).name}](overlays/{Path(o['overlay']).name})")
     lines += ["", "## Time", ""] + [f"- {k}: {v:.0f} s" for k, v in timings.items()] + [f"- total: {total:.0f} s"]
     path.write_text("\n".join(lines) + "\n")
-
-
-def _fmt(value) -> str:
-    return "undefined" if value is None else f"{value:.3f}"

@@ -1,5 +1,5 @@
 """Applying a trained model: per-finding probabilities for image or DICOM files, overlays of the ROI boxes
-and a class-activation heatmap (Grad-CAM on the last feature map), and export to TorchScript or ONNX."""
+and a class-activation heatmap (Grad-CAM, see :func:`grad_cam`), and export to TorchScript or ONNX."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from .data import eval_transform, load_image
+from .data.transforms import MEAN, STD
+from .train.distributed import default_device
 from .train.checkpoint import model_from_checkpoint
 
 EXPORT_FORMATS = ("torchscript", "onnx")
-STAGE_COLOURS = ("#00e5ff", "#ffd400", "#ff3d8b", "#7cff4d")
+BOX_COLOURS = ("#00e5ff", "#ffd400", "#ff3d8b", "#7cff4d")  # cycled over the MXA blocks
 
 
 def grad_cam(model, image: torch.Tensor, label: int, min_side: int = 4) -> torch.Tensor:
@@ -56,7 +58,7 @@ def _overlay(image: torch.Tensor, cam: torch.Tensor, boxes: torch.Tensor | None,
         for b, box in enumerate(boxes.tolist()):
             x1, y1, x2, y2 = box[0] * side_w, box[1] * side_h, box[2] * side_w, box[3] * side_h
             ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.2,
-                                           edgecolor=STAGE_COLOURS[b % len(STAGE_COLOURS)]))
+                                           edgecolor=BOX_COLOURS[b % len(BOX_COLOURS)]))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
@@ -72,7 +74,7 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: 
 
     model, state = model_from_checkpoint(checkpoint)
     labels = state["labels"]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model.to(device).eval()
     transform = eval_transform(state.get("config", {}).get("img_size", 224))
     results = []
@@ -88,7 +90,7 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: 
             boxes = sampled_boxes(model, image[None])[:, 0] if hasattr(model, "mxa_modules") else None
             # CheXpert files share names (view1_frontal.jpg): name the overlay after patient and study too
             target = overlay_dir / ("_".join(Path(file).with_suffix("").parts[-3:]) + "_overlay.png")
-            shown = image.cpu() * 0.25 + 0.5  # undo the normalization for display, approximately
+            shown = image.cpu() * STD + MEAN  # undo the normalization for display
             _overlay(shown.clamp(0, 1), grad_cam(model, image, top).cpu(), boxes.cpu() if boxes is not None else None,
                      f"{Path(file).name}: {labels[top]} {probs[top]:.2f}", target)
             result["overlay"] = str(target)

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 
-from mxa_model.data.chexpert import (CheXpertDataset, DataFormatError, Record, UncertaintyPolicy, filter_views,
+from mxa_model.data.chexpert import (CheXpertDataset, DataFormatError, UncertaintyPolicy, filter_views,
                                      patient_split, read_csv, resolve_path, write_csv)
 from mxa_model.data.images import ImageReadError, load_image
 from mxa_model.data.labels import COLUMNS, DATASET_FOLDER, LABELS

@@ -65,10 +65,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path,
     assert (broken / "log.csv").read_text() != "" and len((broken / "log.csv").read_text().splitlines()) == 3
 
 
-def test_resume_refuses_another_model(data, tmp_path):
+def test_resume_refuses_another_model_or_schedule(data, tmp_path):
     train(config(data, tmp_path, epochs=1))
     with pytest.raises(ckpt.CheckpointError, match="use another --output"):
         train(config(data, tmp_path, epochs=1, model="mxa_efficientvit_m1", resume=True))
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings \(epochs 1 -> 3, lr 0.001 -> 0.002\)"):
+        train(config(data, tmp_path, epochs=3, lr=2e-3, resume=True))
 
 
 def test_distillation_from_a_teacher_checkpoint(data, tmp_path):

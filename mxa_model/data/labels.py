@@ -13,3 +13,4 @@ COLUMNS = META_COLUMNS + LABELS
 # the five findings of the CheXpert competition
 COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0  # a blank cell: not mentioned
+FINDINGS_FILE = "findings.csv"  # boxes of the planted findings, beside the CSVs of the embedded data set

@@ -13,7 +13,7 @@ effusion, effusion raises atelectasis; Edema, Consolidation, Pneumonia, Atelecta
 Lung Opacity). The train cells are then "reported" from the truth like the CheXpert labeler: 5-15% of
 present findings as uncertain (-1.0), absent findings mostly blank, some explicitly 0.0 (most often
 Pneumothorax, Pleural Effusion, Edema, Consolidation) and ~1% as uncertain. Valid cells are the truth,
-1.0 or 0.0, like CheXpert's radiologist-labelled valid set. "No Finding" is 1.0 when no pathology
+1.0 or 0.0 (No Finding: 1.0 or blank), like CheXpert's radiologist-labelled valid set. "No Finding" is 1.0 when no pathology
 (every label but Support Devices) is positive or uncertain, else blank. A patient has 1-3 studies sharing
 the anatomy and the chronic findings (cardiomegaly, widened mediastinum, nodule, apical cap, fracture), so
 splits must be patient-wise; valid patients are not in train.
@@ -57,7 +57,7 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 from tqdm import tqdm
 
-from mxa_model.data.labels import COLUMNS, DATASET_FOLDER, LABELS
+from mxa_model.data.labels import COLUMNS, DATASET_FOLDER, FINDINGS_FILE, LABELS
 
 FINDINGS_COLUMNS = ("Path", "Label", "x0", "y0", "x1", "y1")
 PATHOLOGIES = tuple(label for label in LABELS if label not in ("No Finding", "Support Devices"))
@@ -107,7 +107,7 @@ def generate(out_dir, n_train=2000, n_valid=300, img_size=224, seed=0, workers=N
             findings = _collect(pool.imap(render, chunks), len(jobs), progress)
     else:
         findings = _collect(map(render, chunks), len(jobs), progress)
-    with open(root / "findings.csv", "w", newline="") as f:
+    with open(root / FINDINGS_FILE, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(FINDINGS_COLUMNS)
         writer.writerows(findings)

@@ -33,16 +33,27 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions of any other output file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(state, format=FORMAT), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+        folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except BaseException as exc:  # a full disk makes torch.save raise RuntimeError, not OSError
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(exc, Exception):
+            raise
         kept = "the previous checkpoint there is intact" if path.exists() else "no earlier checkpoint existed"
-        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); {kept}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from exc
     return path
 
 
@@ -55,11 +66,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an MXA Engine training checkpoint (mxa train writes them)")
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path, name: str) -> None:
+    """Load ``weights`` into ``model``, or raise one line naming the first keys that do not fit."""
+    target = model.state_dict()
+    problems = {
+        "missing": [k for k in target if k not in weights],
+        "unexpected": [k for k in weights if k not in target],
+        "wrong-shape": [k for k in weights if k in target and weights[k].shape != target[k].shape],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in problems.items() if keys)
+        raise CheckpointError(f"checkpoint {path} does not fit model {name}: {found}")
+    model.load_state_dict(weights)
 
 
 def build_model(name: str, kwargs: dict) -> torch.nn.Module:
@@ -77,11 +106,7 @@ def model_from_checkpoint(path: str | os.PathLike, expect: str | None = None) ->
     if expect is not None and name != expect:
         raise CheckpointError(f"checkpoint {path} holds a {name} model, not {expect}")
     model = build_model(name, state["model_kwargs"])
-    weights = state.get("model_ema") or state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit model {name}: {str(exc).splitlines()[0]}") from exc
+    load_weights(model, state.get("model_ema") or state["model"], path, name)
     return model, state
 
 

@@ -26,12 +26,15 @@ class Context:
         return self.rank == 0
 
 
+def default_device(device: str | None = None) -> torch.device:
+    """``device``, or the GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def setup(device: str | None = None) -> Context:
     """Join the process group ``torchrun`` describes in the environment (a single process otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = default_device(device)
     if world_size == 1:
         return Context(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,3 +76,19 @@ def broadcast_flag(ctx: Context, flag: bool) -> bool:
     box = [flag]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
+
+
+def sync_buffers(ctx: Context, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's syncs)."""
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank, on every rank (so that all ranks stop together)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,9 +1,11 @@
 """The trainer: supervised training (a student, or the DenseNet-121 teacher) and knowledge distillation
 into an MXA student, with checkpoints each epoch and an exact ``--resume``.
 
-Each epoch draws its shuffle order and augmentations from generators seeded by (seed, epoch), and the
-checkpoint written at its end holds every RNG state, so a run interrupted at any point and resumed
-from its last checkpoint ends with the same weights as an uninterrupted run (deterministic CPU run).
+Each epoch draws its shuffle order (and its data workers' seeds) from a generator seeded by (seed,
+epoch), and the checkpoint written at its end holds every RNG state, so a single-process run
+interrupted at any point and resumed from its last checkpoint ends with the same weights as an
+uninterrupted run (deterministic CPU run). Under DDP each rank seeds its own augmentations; a resumed
+DDP run restores rank 0's states only.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,12 +26,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
-from ..metrics import auc_report
+from ..metrics import auc_report, format_auc
 from . import distributed
-from .checkpoint import CheckpointError, build_model, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_from_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .losses import DISTILL_TYPES, distillation_loss, supervised_loss
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+EVAL_POLICY = "ignore"
 CLIP_MODES = ("norm", "agc", "value")
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
               "ema_auc_macro", "ema_auc_micro", "seconds")
@@ -37,7 +41,7 @@ LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_mic
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; ``mxa train`` flags map one to one onto these fields."""
+    """Everything a run depends on; each field is the ``mxa train`` flag of the same name."""
 
     data: str
     output: str
@@ -70,7 +74,6 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     max_steps_per_epoch: int | None = None  # a short run (tests, smoke runs)
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.distill_type not in DISTILL_TYPES:
@@ -79,8 +82,8 @@ class TrainConfig:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
-        for name in ("epochs", "img_size", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1 or self.tau <= 0:
             raise ValueError(f"--alpha must be in [0, 1] and --tau positive, got {self.alpha} and {self.tau}")
@@ -96,17 +99,23 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     return kwargs
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    """The autocast context of this run: bf16 (or fp16 with a gradient scaler) on a GPU, none on the CPU."""
+# settings a resumed run must share with the run that wrote the checkpoint (schedule, data, loss)
+RESUME_FIELDS = ("epochs", "img_size", "batch_size", "teacher", "distill_type", "alpha", "tau", "lr", "min_lr",
+                 "weight_decay", "warmup_epochs", "ema_decay", "seed", "policy", "augment", "max_steps_per_epoch")
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of this run: bf16 (fp16, with a gradient scaler, where bf16 is unsupported or
+    asked for) on a GPU; None (no autocast) on the CPU or with --amp off."""
     if device.type != "cuda" or cfg.amp == "off":
         return None
-    if cfg.amp == "fp16":
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
 
 
 def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, train: bool) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1009 + ctx.rank)
     sampler = None
     if ctx.distributed:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
@@ -165,12 +174,15 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     out = Path(cfg.output)
     say = print if ctx.main else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
     policy = UncertaintyPolicy.parse(cfg.policy)
     train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views,
                                 transform=train_transform(cfg.img_size, cfg.augment), seed=cfg.seed)
-    valid_set = CheXpertDataset(cfg.data, "valid", policy=policy, views=cfg.views, transform=eval_transform(cfg.img_size),
-                                seed=cfg.seed)
+    # validation scores the labelled cells only: uncertain cells are left out, whatever the training policy
+    valid_set = CheXpertDataset(cfg.data, "valid", policy=EVAL_POLICY, views=cfg.views,
+                                transform=eval_transform(cfg.img_size), seed=cfg.seed)
     labels = list(train_set.labels)
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
@@ -189,33 +201,44 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         teacher.to(ctx.device).eval().requires_grad_(False)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_loader(train_set, cfg, ctx, 0, train=True))
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set) // ctx.world_size} training "
+                         f"images each of {ctx.world_size} process(es) gets: lower it")
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     scheduler = CosineLRScheduler(
         optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
         warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
-    amp_dtype = _autocast(cfg, ctx.device)
+    amp_dtype = _amp_dtype(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
 
     start_epoch, best, step = 0, -math.inf, 0
     last, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.csv"
+    state = None
     if cfg.resume and last.exists():
         state = load_checkpoint(last)
         if state["model_name"] != cfg.model or state["model_kwargs"] != kwargs:
             raise CheckpointError(f"{last} holds a {state['model_name']} {state['model_kwargs']} run, "
                                   f"not this {cfg.model} {kwargs} one: use another --output")
-        model.load_state_dict(state["model"])
+        saved = state["config"]
+        changed = [f"{k} {saved.get(k)} -> {json.loads(json.dumps(getattr(cfg, k), default=str))}"
+                   for k in RESUME_FIELDS if saved.get(k) != json.loads(json.dumps(getattr(cfg, k), default=str))]
+        if changed:
+            raise CheckpointError(f"--resume: {last} was written with other settings ({', '.join(changed)}); "
+                                  "resume with the same ones, or use another --output")
+        load_weights(model, state["model"], last, cfg.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("model_ema") is not None:
-            ema.module.load_state_dict(state["model_ema"])
         start_epoch, best, step = state["epoch"] + 1, state["best_auc"], state["step"]
-        set_rng_state(state["rng"])
+        if ctx.main:
+            set_rng_state(state["rng"])
         say(f"resumed from {last}: epoch {state['epoch'] + 1} of {cfg.epochs} done")
     elif cfg.resume:
         say(f"--resume: no checkpoint at {last} yet, starting afresh")
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None  # built after the weights load
+    if ema is not None and state is not None:
+        load_weights(ema.module, state["model_ema"], last, cfg.model)
     if start_epoch >= cfg.epochs:
         say(f"nothing to do: all {cfg.epochs} epochs of {out} are done")
     log_rows = _read_log(log_path, start_epoch - 1) if ctx.main else []
@@ -256,8 +279,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                     loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
                 else:
                     loss = supervised_loss(outputs, targets, mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, batch {batch_no + 1}")
+            if distributed.any_rank(ctx, not torch.isfinite(loss).item()):  # every rank stops, none waits
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, batch {batch_no + 1}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
@@ -276,27 +299,21 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         bar.close()
         images_per_s = seen / (time.perf_counter() - started)
 
+        distributed.sync_buffers(ctx, model)  # every rank validates (and rank 0 saves) the same model
+        if ema is not None:
+            distributed.sync_buffers(ctx, ema.module)
         valid_loader = _loader(valid_set, cfg, ctx, epoch, train=False)
         report = auc_report(*predict(model, valid_loader, ctx, amp_dtype, cfg.channels_last, cfg.progress)[:3], labels)
         ema_report = None
         if ema is not None:
             ema_report = auc_report(*predict(ema.module, valid_loader, ctx, amp_dtype, cfg.channels_last)[:3], labels)
-        score = (ema_report or report)["auc_macro"]
-        score = -math.inf if score is None else score
-        is_best = score > best
+        used = ema_report or report  # the weights eval and predict load (the EMA's, when kept)
+        score = -math.inf if used["auc_macro"] is None else used["auc_macro"]
+        is_best = score > best or not best_path.exists()
         best = max(best, score)
+        save_error = None
         if ctx.main:
-            state = {
-                "model_name": cfg.model, "model_kwargs": kwargs, "labels": labels,
-                "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "best_auc": best, "rng": rng_state(),
-                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                "valid": {k: report[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
-            }
-            save_checkpoint(last, state)
-            if is_best:
-                save_checkpoint(best_path, state)
+            # the log row first: a crash before the checkpoint lands leaves a row that resume drops
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
                    "images_per_s": images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
                    "auc_competition": report["auc_competition"],
@@ -305,16 +322,33 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                    "seconds": time.perf_counter() - started}
             log_rows.append(row)
             _write_log(log_path, log_rows)
+            state = {
+                "model_name": cfg.model, "model_kwargs": kwargs, "labels": labels,
+                "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "best_auc": best, "rng": rng_state(),
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "valid": {k: used[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
+            }
+            try:
+                save_checkpoint(last, state)
+                if is_best:
+                    save_checkpoint(best_path, state)
+            except CheckpointError as exc:
+                save_error = exc
+        if not distributed.broadcast_flag(ctx, save_error is None):  # every rank stops, none waits
+            raise save_error or CheckpointError(f"rank 0 could not write its checkpoint in {out}")
+        if ctx.main:
             if writer is not None:
                 for key in ("train_loss", "auc_macro", "auc_micro", "images_per_s"):
                     if row[key] is not None:
                         writer.add_scalar(key, row[key], epoch + 1)
-            shown = "undefined" if report["auc_macro"] is None else f"{report['auc_macro']:.4f}"
+            shown = format_auc(report["auc_macro"]) + (f", EMA {format_auc(ema_report['auc_macro'])}" if ema_report else "")
             say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, {images_per_s:.1f} images/s, "
                 f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
         distributed.barrier(ctx)
-        summary = {"output": str(out), "last": str(last), "best": str(best_path), "best_auc_macro": best,
-                   "epochs": cfg.epochs, "valid": report}
+        summary = {"output": str(out), "last": str(last), "best": str(best_path),
+                   "best_auc_macro": None if best == -math.inf else best, "epochs": cfg.epochs, "valid": used}
     if writer is not None:
         writer.close()
     if ctx.main and summary:
