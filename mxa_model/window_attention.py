@@ -68,7 +68,8 @@ class FusedLocalWindowAttention(LocalWindowAttention):
             dw_weight = torch.stack([F.pad(w[:, 0], ((kernel - w.shape[-1]) // 2,) * 4) for w, _ in dws])
             proj_weight, proj_bias = _fold(attn.proj[1])
             folded = (torch.stack(qkv_weight)[..., 0, 0].to(dtype), torch.stack(qkv_bias), dw_weight,
-                      torch.stack([b for _, b in dws]), attn.attention_biases.detach(), attn.attention_bias_idxs,
+                      torch.stack([b for _, b in dws]), attn.attention_biases.detach(),
+                      attn.attention_bias_idxs.to(torch.int32),  # the kernel's index type: no copy per call
                       proj_weight[..., 0, 0].to(dtype), proj_bias)
         if key is not None:
             self._folded, self._folded_key = folded, key

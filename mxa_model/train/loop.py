@@ -279,7 +279,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                     loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
                 else:
                     loss = supervised_loss(outputs, targets, mask)
-            if distributed.any_rank(ctx, not torch.isfinite(loss).item()):  # every rank stops, none waits
+            loss_value = loss.item()  # the step's one host sync: the check and the progress figures
+            if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank stops, none waits
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, batch {batch_no + 1}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -292,7 +293,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
             scheduler.step_update(step)
             if ema is not None:
                 ema.update(model, step=step)
-            total += loss.item() * images.shape[0]
+            total += loss_value * images.shape[0]
             count += images.shape[0]
             seen += images.shape[0] * ctx.world_size
             bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
