@@ -1,8 +1,12 @@
-"""Side-by-side CPU/GPU timing for the benchmark scripts: interleaved repeats, medians, JSON records."""
+"""Timers, memory, ceilings and provenance for the benchmark runner.
+
+On a GPU a call's time is ``triton.testing.do_bench``'s median (CUDA events, L2 flushed between calls).
+On the CPU the calls of one comparison run in turn within every repeat (interleaved), so that machine
+noise (other load, clock changes) falls on all of them alike, and each reports its median.
+"""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import subprocess
@@ -13,42 +17,73 @@ from typing import Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                        device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run in turn in every repeat so that machine
-    noise (other load, clock changes) falls on all of them alike."""
-    for fn in cases.values():
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of ``calls`` (CPU), the calls run in turn in every repeat."""
+    for fn in calls.values():
         for _ in range(warmup):
             fn()
-    samples = {name: [] for name in cases}
+    samples = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, fn in cases.items():
-            _sync(device)
+        for name, fn in calls.items():
             start = time.perf_counter()
             fn()
-            _sync(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def environment() -> dict[str, object]:
+def gpu_median(fn: Callable[[], object]) -> float:
+    """Median seconds of one call on the current CUDA device."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory allocated on ``device`` during one call, inputs and weights included (CUDA only:
+    the CPU allocator keeps no such statistic, so None there)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device copy bandwidth (bytes read + written per second), measured now on 1 GiB (GPU) or 64 MiB."""
+    numel = (256 if device.type == "cuda" else 16) * 2**20
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = gpu_median(lambda: dst.copy_(src)) if device.type == "cuda" else \
+        interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matrix-product throughput in ``dtype``, measured now (8192^3 on a GPU, 1024^3 on the CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = gpu_median(lambda: a @ b) if device.type == "cuda" else \
+        interleaved_medians({"matmul": lambda: a @ b}, repeats=5)["matmul"]
+    return 2 * n**3 / seconds / 1e12
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """Where and what was measured: commit, device name, versions, date."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"commit": commit, "device": device, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
-
-
-def write_json(path: str | None, records: list[dict]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(records, indent=2) + "\n")
-        print(f"wrote {path}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"commit": commit, "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

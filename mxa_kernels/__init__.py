@@ -17,7 +17,7 @@ from .backend import (
     use_backend,
 )
 from .cascaded_attention_ref import cascaded_attention_infer_ref
-from .mxa_branch_ref import ROI_MODES, crop_resize_loop, mxa_branch_ref, roi_resample, snap_boxes
+from .mxa_branch_ref import ROI_MODES, channel_spatial_attention, crop_resize_loop, mxa_branch_ref, roi_resample, snap_boxes
 from .window_attention_ref import window_attention_ref
 from . import backend as _backend
 
@@ -27,7 +27,7 @@ if _backend.triton_import_error() is None:
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "ROI_MODES", "available_backends",
-    "cascaded_attention_infer", "cascaded_attention_infer_ref", "check_backend_name", "crop_resize_loop", "get_backend",
+    "cascaded_attention_infer", "cascaded_attention_infer_ref", "channel_spatial_attention", "check_backend_name", "crop_resize_loop", "get_backend",
     "mxa_branch", "mxa_branch_ref", "resolve_backend", "roi_resample", "set_backend", "snap_boxes",
     "triton_unavailable_reason", "use_backend", "window_attention", "window_attention_ref",
 ]

@@ -130,10 +130,16 @@ def mxa_branch_ref(
         sa_weight: (1, 2, 7, 7) weight of the spatial attention's conv.
         roi_mode: ``"crop"`` or ``"align"``.
     """
+    return channel_spatial_attention(roi_resample(x, boxes, roi_mode), ca_reduce_weight, ca_expand_weight, sa_weight)
+
+
+def channel_spatial_attention(
+    z: torch.Tensor, ca_reduce_weight: torch.Tensor, ca_expand_weight: torch.Tensor, sa_weight: torch.Tensor
+) -> torch.Tensor:
+    """The MXA branch after the ROI resample: channel attention, then spatial attention, on ``z``."""
     # Weights of another dtype (float32 weights with half-precision features, as in mixed precision)
     # are cast to the features' dtype.
-    ca_reduce_weight, ca_expand_weight, sa_weight = (w.to(x.dtype) for w in (ca_reduce_weight, ca_expand_weight, sa_weight))
-    z = roi_resample(x, boxes, roi_mode)
+    ca_reduce_weight, ca_expand_weight, sa_weight = (w.to(z.dtype) for w in (ca_reduce_weight, ca_expand_weight, sa_weight))
     pooled = z.mean(dim=(2, 3), keepdim=True)
     channel_w = torch.sigmoid(F.conv2d(F.relu(F.conv2d(pooled, ca_reduce_weight)), ca_expand_weight))
     z = z * channel_w

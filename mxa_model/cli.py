@@ -66,6 +66,14 @@ def step_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite (see bench/README.md): print its table, append its records under --results-dir,
+    check its key ratios against --baseline, draw --chart. Exit status 1 on a regression or a failed call."""
+    from mxa_bench.runner import main as run
+
+    return run(args)
+
+
 def backends(args: argparse.Namespace) -> int:
     """Print each kernel backend and whether it can serve here."""
     print(f"selected: {mxa_kernels.get_backend()}")
@@ -158,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict import EXPORT_FORMATS
     from .train.loop import AMP_MODES, CLIP_MODES
     from .train.losses import DISTILL_TYPES
+    from mxa_bench.runner import add_arguments as bench_arguments
 
     parser = argparse.ArgumentParser(prog="mxa", description="MXA Engine: MXA-EfficientViT chest X-ray classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -258,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="training steps to time (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    p = command("bench", bench, "benchmark kernels, blocks and models: eager, triton, torch.compile, references")
+    bench_arguments(p)
 
     p = command("backends", backends, "list the kernel backends and why any is unusable")
     return parser

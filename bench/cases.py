@@ -1,0 +1,311 @@
+"""Benchmark cases: what is timed, on which inputs, by which providers.
+
+A case builds its inputs once and hands the runner, for every provider and mode, a call with no
+arguments. Providers:
+
+- ``eager``: the eager PyTorch reference (kernel level), timm's module (windowed-attention block), the
+  MXA block or model on the eager backend;
+- ``triton``: the fused Triton kernels (the op, or the module / model on the triton backend);
+- ``torch.compile`` and ``torch.compile max-autotune``: ``torch.compile`` of the eager provider;
+- ``per-sample loop``: the authors' MXA branch, one crop and resize per sample (crop mode only);
+- ``sdpa``: ``F.scaled_dot_product_attention`` on window copies with the bias as its mask;
+- ``timm plain``: timm's EfficientViT of the same variant without MXA (model level).
+
+Modes: ``forward`` and ``forward+backward`` (kernels and blocks; backward with a fixed output
+gradient), ``inference`` (eval mode under ``torch.inference_mode``), ``train`` (models: forward,
+backward and an AdamW step). Forward and inference calls return their output, which the runner
+compares with the first provider's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.efficientvit_msra import LocalWindowAttention
+
+import mxa_kernels
+import mxa_model
+from mxa_kernels.window_attention_ref import _windows
+from mxa_model.mxa import MedicalXRayAttention
+from mxa_model.window_attention import FusedLocalWindowAttention, randomized
+
+# providers whose outputs are not the reference's computation (another model), so not compared with it
+OTHER_MODELS = ("timm plain",)
+PROVIDERS = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
+             "timm plain")
+COMPILE_MODES = {"torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
+
+
+@dataclass
+class Workload:
+    """A built case: ``calls[provider][mode]`` is one call; ``skipped[provider]`` says why a provider
+    cannot run here; ``bytes_moved[mode]`` is the least traffic a kernel must make (kernel cases)."""
+
+    calls: dict[str, dict[str, Callable[[], object]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    level: str  # "kernel", "block" or "model"
+    shape: tuple[int, ...]  # the main input's shape
+    dtype: str
+    modes: tuple[str, ...]
+    providers: tuple[str, ...]  # the first is the reference the others are compared with
+    build: Callable[["Case", torch.device, tuple[str, ...]], Workload]
+    repeats: int = 10  # CPU timing repeats (on a GPU do_bench chooses)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
+
+
+def _tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _compiled(fn, provider: str):
+    return torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
+
+
+def _triton_reason(op: str, device: torch.device) -> str | None:
+    return mxa_kernels.triton_unavailable_reason(op, device)
+
+
+def _op_calls(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor, differentiable: tuple[bool, ...],
+              extra: tuple = ()) -> dict[str, Callable]:
+    """Forward and forward+backward calls of ``fn(*inputs, *extra)``; the inputs flagged in
+    ``differentiable`` get gradients."""
+    leaves = [t.detach().requires_grad_(flag) for t, flag in zip(inputs, differentiable)]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs, *extra)
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, *extra).backward(grad_out)
+
+    return {"forward": forward, "forward+backward": forward_backward}
+
+
+# --- kernel level -------------------------------------------------------------------------------
+
+def authors_mxa_branch(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight):
+    """The authors' MXA branch: a per-sample crop and resize loop, then channel and spatial attention."""
+    return mxa_kernels.channel_spatial_attention(mxa_kernels.crop_resize_loop(x, boxes), ca_reduce_weight,
+                                                 ca_expand_weight, sa_weight)
+
+
+def build_mxa_branch(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    roi_mode = case.name.removeprefix("mxa_branch_")
+    batch, channels, _, _ = case.shape
+    hidden = max(1, channels // 16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
+    lo = torch.rand(batch, 2, generator=gen) * 0.5
+    boxes = torch.cat([lo, lo + 0.3 + 0.2 * torch.rand(batch, 2, generator=gen)], dim=1).to(device)
+    weights = [(torch.randn(hidden, channels, 1, 1, generator=gen) * channels ** -0.5).to(device),
+               (torch.randn(channels, hidden, 1, 1, generator=gen) * hidden ** -0.5).to(device),
+               (torch.randn(1, 2, 7, 7, generator=gen) * 0.2).to(device)]
+    grad_out = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
+
+    def eager(*args):
+        return mxa_kernels.mxa_branch(*args, roi_mode=roi_mode, backend="eager")
+
+    def fused(*args):
+        return mxa_kernels.mxa_branch(*args, roi_mode=roi_mode, backend="triton")
+
+    work = Workload(bytes_moved={"forward": 2 * _tensor_bytes(x), "forward+backward": 5 * _tensor_bytes(x)})
+    inputs = [x, boxes, *weights]
+    for provider in providers:
+        if provider == "eager":
+            fn = eager
+        elif provider == "triton":
+            if (reason := _triton_reason("mxa_branch", device)) is not None:
+                work.skipped[provider] = reason
+                continue
+            fn = fused
+        elif provider in COMPILE_MODES:
+            fn = _compiled(eager, provider)
+        elif provider == "per-sample loop":
+            if roi_mode != "crop":
+                work.skipped[provider] = "the authors' loop is crop mode only"
+                continue
+            fn = authors_mxa_branch
+        else:
+            raise ValueError(f"case {case.name} has no provider {provider!r}")
+        # crop mode snaps the boxes to pixels: they get no gradient there (nor do they in the model)
+        differentiable = (True, roi_mode == "align", True, True, True)
+        work.calls[provider] = _op_calls(fn, inputs, grad_out, differentiable)
+    return work
+
+
+def sdpa_window_attention(q, k, v, bias, bias_idx, window, scale):
+    """One head's windowed attention by ``F.scaled_dot_product_attention``: window copies in, the
+    gathered bias as an additive mask."""
+    batch, _, height, width = q.shape
+    qw, kw, vw = (_windows(t, window).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias[bias_idx].to(q.dtype), scale=scale)
+    out = out.transpose(1, 2).reshape(batch, height // window, width // window, -1, window, window)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
+
+
+def build_window_attention(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    """One head's attention core; ``case.shape`` is (B, value dim, side, side), window 7 (4 on 4x4 maps)."""
+    batch, value_dim, side, _ = case.shape
+    window = 7 if side >= 7 else side
+    key_dim = 16
+    gen = torch.Generator().manual_seed(0)
+    idx = LocalWindowAttention(value_dim, key_dim, 1, value_dim / key_dim, side, window).attn.attention_bias_idxs.to(device)
+    bias = torch.randn(int(idx.max()) + 1, generator=gen).to(device)
+    q, k = (torch.randn(batch, key_dim, side, side, generator=gen).to(device, case.torch_dtype) for _ in range(2))
+    v = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
+    grad_out = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
+    work = Workload(bytes_moved={"forward": _tensor_bytes(q, k, v, v),
+                                 "forward+backward": _tensor_bytes(q, k, v, v) + 2 * _tensor_bytes(q, k, v) + _tensor_bytes(v)})
+    for provider in providers:
+        if provider == "eager":
+            fn = mxa_kernels.window_attention_ref
+        elif provider == "triton":
+            if (reason := _triton_reason("window_attention", device)) is not None:
+                work.skipped[provider] = reason
+                continue
+            fn = lambda *a: mxa_kernels.window_attention(*a, backend="triton")  # noqa: E731
+        elif provider in COMPILE_MODES:
+            fn = _compiled(mxa_kernels.window_attention_ref, provider)
+        elif provider == "sdpa":
+            fn = sdpa_window_attention
+        else:
+            raise ValueError(f"case {case.name} has no provider {provider!r}")
+        work.calls[provider] = _op_calls(fn, [q, k, v, bias], grad_out, (True,) * 4, extra=(idx, window, 0.25))
+    return work
+
+
+# --- block level --------------------------------------------------------------------------------
+
+def _module_calls(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable]:
+    """Training-mode forward+backward (gradient of the output's sum) and eval-mode inference."""
+    leaf = x.detach().requires_grad_()
+
+    def forward_backward():
+        module.train()
+        module.zero_grad(set_to_none=True)
+        leaf.grad = None
+        module(leaf).float().sum().backward()
+
+    def inference():
+        module.eval()
+        with torch.inference_mode():
+            return module(x)
+
+    return {"forward+backward": forward_backward, "inference": inference}
+
+
+def _block_providers(case: Case, device, providers, make_module, op: str) -> Workload:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
+    torch.manual_seed(0)
+    reference = make_module().to(device, case.torch_dtype)
+    work = Workload()
+    for provider in providers:
+        module = copy.deepcopy(reference)
+        if provider == "eager":
+            module.backend = "eager"
+        elif provider == "triton":
+            if (reason := _triton_reason(op, device)) is not None:
+                work.skipped[provider] = reason
+                continue
+            module.backend = "triton"
+        elif provider in COMPILE_MODES:
+            module.backend = "eager"
+            module = _compiled(module, provider)
+        else:
+            raise ValueError(f"case {case.name} has no provider {provider!r}")
+        work.calls[provider] = _module_calls(module, x)
+    return work
+
+
+def build_mxa_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    """The MXA block (ROI predictor and branch) on (B, C, H, W) features."""
+    roi_mode = case.name.removeprefix("mxa_block_")
+    return _block_providers(case, device, providers, lambda: MedicalXRayAttention(case.shape[1], roi_mode=roi_mode),
+                            "mxa_branch")
+
+
+def build_window_attention_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    """EfficientViT's ``LocalWindowAttention`` (16-wide keys, M5's heads per stage); eager is timm's
+    module, triton ``FusedLocalWindowAttention`` (its inference is the one-launch cascade). BatchNorms and
+    bias table are randomized: timm's zero initialization would make the output all zeros."""
+    dim, side = case.shape[1], case.shape[2]
+    heads = {192: 3, 288: 3, 384: 4}.get(dim, 2)
+    window = 7 if side >= 7 else side
+    return _block_providers(case, device, providers,
+                            lambda: randomized(FusedLocalWindowAttention(dim, 16, heads, dim / (16 * heads), side, window)),
+                            "cascaded_attention_infer")
+
+
+# --- model level --------------------------------------------------------------------------------
+
+def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    """``case.name`` is ``efficientvit_mN``: the MXA model vs timm's plain one, 14 labels, 1 channel.
+    Half-precision dtypes run under autocast with float32 weights, as the trainer's ``--amp`` does."""
+    variant = case.name
+    batch, in_chans, size, _ = case.shape
+    common = dict(in_chans=in_chans, num_classes=14, img_size=size)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(case.shape, generator=gen).to(device)
+    labels = (torch.rand(batch, 14, generator=gen) < 0.3).float().to(device)
+
+    def autocast():
+        if case.torch_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=case.torch_dtype)
+
+    torch.manual_seed(0)
+    mxa = mxa_model.create_model(f"mxa_{variant}", **common).to(device)
+    work = Workload()
+    for provider in providers:
+        if provider == "timm plain":
+            torch.manual_seed(0)
+            model = timm.create_model(variant, **common).to(device)
+        elif provider in ("eager", "triton", *COMPILE_MODES):
+            if provider == "triton" and (reason := _triton_reason("mxa_branch", device)) is not None:
+                work.skipped[provider] = reason
+                continue
+            model = copy.deepcopy(mxa)
+            model.set_backend("triton" if provider == "triton" else "eager")
+        else:
+            raise ValueError(f"case {case.name} has no provider {provider!r}")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        runner = _compiled(model, provider) if provider in COMPILE_MODES else model
+
+        def train(model=model, runner=runner, optimizer=optimizer):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = F.binary_cross_entropy_with_logits(runner(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+
+        def inference(model=model, runner=runner):
+            model.eval()
+            with torch.inference_mode(), autocast():
+                return runner(images).float()
+
+        work.calls[provider] = {"train": train, "inference": inference}
+    return work
+

@@ -1,0 +1,345 @@
+"""``mxa bench``: run a suite, print its table, keep its records, check its key ratios.
+
+Every record has ``case``, ``level``, ``provider``, ``mode``, ``shape``, ``dtype``, ``median_ms``,
+``device``, ``commit`` (and ``torch``, ``date``, ``suite``), plus where they apply ``images_per_s``,
+``peak_mem_mb`` (CUDA), ``gbs`` and ``fraction_of_copy`` (kernels: the least traffic the op must make
+over the time), ``tflops`` and ``fraction_of_matmul`` (FLOPs of the reference provider counted by
+``torch.utils.flop_counter``), ``speedup`` over the case's reference provider, ``rel_err`` of the
+output against the reference's, ``interpreted`` (Triton interpreter: not a performance figure), and
+``error`` or ``skipped`` with the reason instead of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import timing
+from .cases import OTHER_MODELS, PROVIDERS, Case
+from .suites import KEY_RATIOS, SUITES, KeyRatio
+
+RESULTS_DIR = Path(__file__).parent / "results"
+# largest relative error of an output against the reference provider's before the record is a mismatch
+REL_ERR_LIMIT = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2}
+BASELINES_DIR = Path(__file__).parent / "baselines"
+
+
+class BenchError(ValueError):
+    """A request the runner cannot serve (unknown case or provider, unreadable baseline)."""
+
+
+def select_cases(suite: str, names: str | None, providers: str | None, batch: int | None) -> list[Case]:
+    """The suite's cases, filtered by case names and providers (comma lists), with another batch size."""
+    cases = list(SUITES[suite])
+    if names:
+        wanted = {n.strip() for n in names.split(",")}
+        unknown = wanted - {c.name for c in cases}
+        if unknown:
+            raise BenchError(f"suite {suite} has no case {', '.join(sorted(unknown))}; "
+                             f"it has {', '.join(sorted({c.name for c in cases}))}")
+        cases = [c for c in cases if c.name in wanted]
+    if providers:
+        wanted = {p.strip() for p in providers.split(",")}
+        unknown = wanted - set(PROVIDERS)
+        if unknown:
+            raise BenchError(f"unknown provider {', '.join(sorted(unknown))}; providers: {', '.join(PROVIDERS)}")
+        cases = [dataclasses.replace(c, providers=tuple(p for p in c.providers if p in wanted)) for c in cases]
+        cases = [c for c in cases if c.providers]
+    if batch is not None:
+        cases = [dataclasses.replace(c, shape=(batch, *c.shape[1:])) for c in cases]
+    return cases
+
+
+def _short_error(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _rel_err(out, ref) -> float | None:
+    if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
+        return None
+    ref = ref.float()
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _count_flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def run_case(case: Case, device: torch.device, common: dict, ceilings: dict,
+             emit: Callable[[dict], None], repeats: int | None = None) -> None:
+    """Build ``case`` and time each of its modes for every provider, calling ``emit`` with each record."""
+    work = case.build(case, device, case.providers)
+    for provider, reason in work.skipped.items():
+        emit(dict(common, case=case.name, level=case.level, provider=provider, mode=None, shape=list(case.shape),
+                  dtype=case.dtype, median_ms=None, skipped=reason))
+    # First call of every provider in every mode, before any timing: it checks the provider (and
+    # compiles it), and its outputs are compared. Training calls change state (BatchNorm statistics,
+    # weights), so this is where every provider has made the same calls.
+    outputs: dict[tuple[str, str], object] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for mode in case.modes:
+        for provider, modes in work.calls.items():
+            if mode not in modes:
+                continue
+            try:
+                outputs[provider, mode] = modes[mode]()
+                timing.sync(device)
+            except Exception as exc:  # noqa: BLE001 - one provider failing must not lose the others' figures
+                errors[provider, mode] = _short_error(exc)
+                if os.environ.get("MXA_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for mode in case.modes:
+        calls = {p: modes[mode] for p, modes in work.calls.items() if mode in modes}
+        base = dict(common, case=case.name, level=case.level, mode=mode, shape=list(case.shape), dtype=case.dtype)
+        working = {p: fn for p, fn in calls.items() if (p, mode) not in errors}
+        interpreted = {p for p in working if p == "triton" and device.type != "cuda"}
+        if device.type == "cuda":
+            seconds = {p: timing.gpu_median(fn) for p, fn in working.items()}
+        else:
+            seconds = timing.interleaved_medians({p: fn for p, fn in working.items() if p not in interpreted},
+                                                 repeats=repeats or case.repeats, warmup=1)
+            seconds.update(timing.interleaved_medians({p: working[p] for p in interpreted}, repeats=1, warmup=0))
+        reference = next((p for p in case.providers if p in working), None)
+        flops = _count_flops(working[reference]) if reference else 0
+        for provider in calls:
+            record = dict(base, provider=provider, reference=reference)
+            if (provider, mode) in errors:
+                emit(dict(record, median_ms=None, error=errors[provider, mode]))
+                continue
+            t = seconds[provider]
+            record.update(median_ms=t * 1e3, speedup=seconds[reference] / t,
+                          rel_err=(_rel_err(outputs[provider, mode], outputs[reference, mode])
+                                   if provider not in (reference, *OTHER_MODELS) else None),
+                          peak_mem_mb=timing.peak_memory_mb(working[provider], device),
+                          interpreted=provider in interpreted)
+            if record["rel_err"] is not None:
+                record["mismatch"] = record["rel_err"] > REL_ERR_LIMIT[case.dtype]
+            if case.level == "model":
+                record["images_per_s"] = case.batch / t
+            if mode in work.bytes_moved:
+                record["gbs"] = work.bytes_moved[mode] / t / 1e9
+                record["fraction_of_copy"] = record["gbs"] / ceilings["copy_gbs"]
+            if flops:
+                record["tflops"] = flops / t / 1e12
+                record["fraction_of_matmul"] = record["tflops"] / ceilings["matmul_tflops"][case.dtype]
+            emit(record)
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_record(r: dict) -> str:
+    shape = "x".join(map(str, r["shape"]))
+    head = f"{r['level']:>6} {r['case']:<22} {shape:<16} {r['dtype']:<8} {str(r['mode'] or ''):<16} {r['provider']:<27}"
+    if r.get("skipped"):
+        return f"{head} skipped: {r['skipped']}"
+    if r.get("error"):
+        return f"{head} ERROR {r['error']}"
+    rate = ""
+    if r.get("gbs") is not None:
+        rate = f"{r['gbs']:8.1f} GB/s ({r['fraction_of_copy']:6.1%} copy)"
+    elif r.get("tflops") is not None:
+        rate = f"{r['tflops']:8.3f} TFLOP/s ({r['fraction_of_matmul']:6.1%} mm)"
+    return (f"{head} {r['median_ms']:10.3f} ms {r['speedup']:6.2f}x "
+            f"{_cell(r.get('images_per_s'), '9.1f') + ' img/s' if r.get('images_per_s') else ' ' * 15} {rate:<32}"
+            f" mem {_cell(r.get('peak_mem_mb'), '.0f'):>6} MB  err {_cell(r.get('rel_err'), '.1e'):>7}"
+            f"{' MISMATCH' if r.get('mismatch') else ''}"
+            f"{'  (interpreter: not a speed)' if r.get('interpreted') else ''}")
+
+
+TABLE_HEADER = (f"{'level':>6} {'case':<22} {'shape':<16} {'dtype':<8} {'mode':<16} {'provider':<27} {'median':>13} "
+                f"{'vs ref':>7} {'':<15} {'achieved (fraction of ceiling)':<32} peak memory, rel. error vs ref")
+
+
+def key_ratios(records: list[dict], suite: str) -> dict[str, float]:
+    """The suite's key ratios found in ``records`` (a ratio whose providers did not both run is left out)."""
+    found = {}
+    for ratio in KEY_RATIOS.get(suite, ()):
+        times = {r["provider"]: r["median_ms"] for r in records
+                 if r["case"] == ratio.case and r["mode"] == ratio.mode and r.get("median_ms")}
+        if ratio.numerator in times and ratio.denominator in times:
+            found[ratio.name] = times[ratio.numerator] / times[ratio.denominator]
+    return found
+
+
+def check_ratios(ratios: dict[str, float], suite: str, baseline: dict | None) -> list[str]:
+    """Print each key ratio against its baseline (within its tolerance) or target; return the failures."""
+    failures = []
+    definitions: dict[str, KeyRatio] = {r.name: r for r in KEY_RATIOS.get(suite, ())}
+    expected = (baseline or {}).get("ratios", {})
+    if baseline is not None:
+        missing = set(expected) - set(ratios)
+        failures += [f"{name}: not measured in this run (its providers did not both run)" for name in sorted(missing)]
+    for name, value in ratios.items():
+        ratio = definitions[name]
+        better = "higher" if ratio.higher_is_better else "lower"
+        line = f"  {name} = {value:.3f} ({ratio.meaning}; {better} is better)"
+        if name in expected:
+            ref, tol = expected[name]["value"], expected[name]["tolerance"]
+            limit = ref * (1 - tol) if ratio.higher_is_better else ref * (1 + tol)
+            ok = value >= limit if ratio.higher_is_better else value <= limit
+            line += f"; baseline {ref:.3f}, limit {limit:.3f}: {'ok' if ok else 'REGRESSION'}"
+            if not ok:
+                failures.append(f"{name} = {value:.3f} is past its limit {limit:.3f} (baseline {ref:.3f}, "
+                                f"tolerance {tol:.0%})")
+        if ratio.target is not None:
+            line += f"; target {ratio.target}: {'met' if value >= ratio.target else 'NOT met'}"
+        print(line)
+    return failures
+
+
+def read_baseline(path: str | os.PathLike) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"cannot read baseline {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("ratios"), dict) or not all(
+            isinstance(v, dict) and {"value", "tolerance"} <= set(v) for v in data["ratios"].values()):
+        raise BenchError(f"baseline {path} has no 'ratios' of the form {{name: {{value, tolerance}}}}")
+    return data
+
+
+def write_baseline(path: str | os.PathLike, ratios: dict[str, float], suite: str, env: dict, tolerance: float) -> None:
+    data = {"suite": suite, "measured": {k: env.get(k) for k in ("commit", "date", "device", "torch")},
+            "ratios": {name: {"value": round(v, 4), "tolerance": tolerance} for name, v in ratios.items()}}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote baseline {path}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=sorted(SUITES), default="smoke",
+                        help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--cases", help="only these cases (comma list; --list shows them)")
+    parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDERS)})")
+    parser.add_argument("--batch", type=int, help="another batch size for every case")
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
+                        help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")
+    parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
+    parser.add_argument("--baseline", metavar="FILE", help="compare the key ratios with FILE; exit 1 on a regression")
+    parser.add_argument("--write-baseline", metavar="FILE", help="write this run's key ratios to FILE as a baseline")
+    parser.add_argument("--tolerance", type=float, default=0.3,
+                        help="relative tolerance written by --write-baseline (default: %(default)s)")
+    parser.add_argument("--chart", metavar="PNG", help="draw the speed-ups per case to PNG")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="run nothing: read the records of FILE (JSON list or JSON lines) for --chart, --baseline")
+    parser.add_argument("--list", action="store_true", help="list the suite's cases and exit")
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    try:
+        text = Path(path).read_text()
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"cannot read benchmark records {path}: {exc}") from exc
+    if not all(isinstance(r, dict) and {"case", "provider", "mode", "median_ms"} <= set(r) for r in records):
+        raise BenchError(f"{path} does not hold benchmark records (dicts with case, provider, mode, median_ms)")
+    return records
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch is not None and args.batch < 1:
+        raise BenchError(f"--batch must be at least 1, got {args.batch}")
+    if args.repeats is not None and args.repeats < 1:
+        raise BenchError(f"--repeats must be at least 1, got {args.repeats}")
+    baseline = read_baseline(args.baseline) if args.baseline else None
+    if args.from_json:
+        records = read_records(args.from_json)
+        suite = records[0].get("suite", args.suite) if records else args.suite
+    else:
+        records, suite = run_suite(args), args.suite
+        if records is None:
+            return 0
+    errors = [r for r in records if r.get("error")]
+    # Triton's interpreter multiplies bf16 dot products wrongly (triton issue 11584): its bf16
+    # mismatches are reported but do not fail the run
+    mismatches = [r for r in records if r.get("mismatch") and not (r.get("interpreted") and r["dtype"] == "bfloat16")]
+    ratios = key_ratios(records, suite)
+    if ratios or baseline:
+        print("key ratios:")
+    failures = check_ratios(ratios, suite, baseline)
+    if args.write_baseline:
+        write_baseline(args.write_baseline, ratios, suite, records[0] if records else {}, args.tolerance)
+    if args.chart:
+        from .chart import speedup_chart
+
+        speedup_chart(records, args.chart)
+        print(f"wrote {args.chart}")
+    for failure in failures:
+        print(f"regression: {failure}")
+    if errors:
+        print(f"{len(errors)} provider call(s) failed; see ERROR above")
+    for r in mismatches:
+        print(f"mismatch: {r['case']} {r['shape']} {r['dtype']} {r['mode']} {r['provider']}: relative error "
+              f"{r['rel_err']:.2e} against {r['reference']} (limit {REL_ERR_LIMIT[r['dtype']]:.0e})")
+    return 1 if failures or errors or mismatches else 0
+
+
+def run_suite(args: argparse.Namespace) -> list[dict] | None:
+    """Run the selected cases, printing each record as it is measured; None when only listing."""
+    cases = select_cases(args.suite, args.cases, args.providers, args.batch)
+    if args.list:
+        for case in cases:
+            print(f"{case.level:>6} {case.name:<22} {'x'.join(map(str, case.shape)):<16} {case.dtype:<8} "
+                  f"modes {', '.join(case.modes)}; providers {', '.join(case.providers)}")
+        return None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda asked for, but no CUDA device is available")
+    env = timing.environment(device)
+    ceilings = {"copy_gbs": timing.copy_bandwidth_gbs(device),
+                "matmul_tflops": {d: timing.matmul_tflops(device, getattr(torch, d)) for d in sorted({c.dtype for c in cases})}}
+    print(f"suite {args.suite} on {env['device']} (torch {env['torch']}, commit {env['commit']}): "
+          f"copy {ceilings['copy_gbs']:.1f} GB/s; matmul "
+          + ", ".join(f"{d} {v:.2f} TFLOP/s" for d, v in ceilings["matmul_tflops"].items()), flush=True)
+    if device.type != "cuda":
+        print("CPU run: compare ratios measured side by side, not absolute times; Triton runs in its interpreter "
+              "(TRITON_INTERPRET=1) or not at all here")
+    common = dict(env, suite=args.suite, copy_gbs=ceilings["copy_gbs"])
+    history = None
+    if not args.no_save:
+        history = Path(args.results_dir) / f"{_slug(env['device'])}_{args.suite}.jsonl"
+        history.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        print(format_record(record), flush=True)
+        if history is not None:  # appended as measured, so a run cut short keeps what it measured
+            with history.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    print(TABLE_HEADER)
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.level} {case.name} {tuple(case.shape)} {case.dtype}", flush=True)
+        run_case(case, device, common, ceilings, emit, repeats=args.repeats)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if history is not None:
+        print(f"appended {len(records)} records to {history}")
+    return records

@@ -1,0 +1,114 @@
+"""The benchmark suites and the key ratios CI compares with its baselines.
+
+- ``smoke``: CPU-sized, a minute or two on two cores; run by the tests, which gate the key ratios.
+  Its Triton cases run through the interpreter on the CPU: they check that the fused providers run
+  and agree, and their times are not performance figures.
+- ``full``: sized for one GPU (MXA-EfficientViT-M5 shapes at 224 px, batch 256, bf16), the run that
+  ``bench/gpu_check.sh`` makes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cases import (
+    Case,
+    build_model,
+    build_mxa_block,
+    build_mxa_branch,
+    build_window_attention,
+    build_window_attention_block,
+)
+
+KERNEL_MODES = ("forward", "forward+backward")
+BLOCK_MODES = ("forward+backward", "inference")
+MODEL_MODES = ("train", "inference")
+
+SMOKE = (
+    Case("mxa_branch_crop", "kernel", (64, 192, 14, 14), "float32", ("forward+backward",),
+         ("eager", "per-sample loop"), build_mxa_branch, repeats=15),
+    Case("mxa_branch_align", "kernel", (2, 40, 9, 9), "float32", KERNEL_MODES, ("eager", "triton"), build_mxa_branch),
+    Case("window_attention", "kernel", (2, 20, 14, 14), "float32", KERNEL_MODES, ("eager", "triton", "sdpa"),
+         build_window_attention),
+    Case("mxa_block_align", "block", (2, 40, 9, 9), "float32", BLOCK_MODES, ("eager", "triton"), build_mxa_block),
+    Case("window_attention_block", "block", (2, 40, 10, 10), "float32", BLOCK_MODES, ("eager", "triton"),
+         build_window_attention_block),
+    Case("efficientvit_m5", "model", (8, 1, 224, 224), "float32", MODEL_MODES, ("eager", "timm plain"), build_model,
+         repeats=9),
+)
+
+_M5_STAGES = ((192, 14), (288, 7), (384, 4))  # (channels, map side) at 224 px
+_M5_VALUE_DIMS = (64, 96, 96)  # one head's value width per stage
+_STAGE1, _LATER = _M5_STAGES[0], _M5_STAGES[1:]
+
+
+def _branch(mode: str, channels: int, side: int, providers: tuple[str, ...], dtype: str = "bfloat16") -> Case:
+    loop = ("per-sample loop",) if mode == "crop" and "eager" in providers and "triton" in providers else ()
+    return Case(f"mxa_branch_{mode}", "kernel", (256, channels, side, side), dtype, KERNEL_MODES, providers + loop,
+                build_mxa_branch)
+
+
+def _window(value_dim: int, side: int, providers: tuple[str, ...]) -> Case:
+    return Case("window_attention", "kernel", (256, value_dim, side, side), "bfloat16", KERNEL_MODES, providers,
+                build_window_attention)
+
+
+# Ordered by what matters most, since gpu_check.sh may stop the run at its time limit: the model
+# (the targets), then stage 1 (M5's largest maps) with torch.compile, then the later stages without it
+# (each compilation costs tens of seconds), then float32, then max-autotune (minutes of tuning).
+FULL = (
+    Case("efficientvit_m5", "model", (256, 1, 224, 224), "bfloat16", MODEL_MODES,
+         ("eager", "triton", "torch.compile", "timm plain"), build_model),
+    *(_branch(mode, *_STAGE1, ("eager", "triton", "torch.compile")) for mode in ("crop", "align")),
+    _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "triton", "torch.compile", "sdpa")),
+    *(Case(f"mxa_block_{mode}", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
+           ("eager", "triton", "torch.compile"), build_mxa_block) for mode in ("crop", "align")),
+    Case("window_attention_block", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
+         ("eager", "triton", "torch.compile"), build_window_attention_block),
+    *(_branch(mode, c, s, ("eager", "triton")) for mode in ("crop", "align") for c, s in _LATER),
+    *(_window(d, s, ("eager", "triton", "sdpa")) for d, (_, s) in zip(_M5_VALUE_DIMS[1:], _LATER)),
+    *(Case("window_attention_block", "block", (256, c, s, s), "bfloat16", BLOCK_MODES, ("eager", "triton"),
+           build_window_attention_block) for c, s in _LATER),
+    _branch("crop", *_STAGE1, ("eager", "triton"), dtype="float32"),
+    *(_branch(mode, *_STAGE1, ("eager", "torch.compile max-autotune")) for mode in ("crop", "align")),
+    _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "torch.compile max-autotune")),
+)
+
+SUITES = {"smoke": SMOKE, "full": FULL}
+
+
+@dataclass(frozen=True)
+class KeyRatio:
+    """``median_ms`` of one provider over another's in the same case and mode, measured side by side.
+    ``higher_is_better`` says which way a regression goes."""
+
+    name: str
+    case: str
+    mode: str
+    numerator: str
+    denominator: str
+    higher_is_better: bool
+    meaning: str
+    target: float | None = None  # the issue's target, where one is set
+
+
+KEY_RATIOS = {
+    "smoke": (
+        KeyRatio("mxa_branch_loop_over_vectorized", "mxa_branch_crop", "forward+backward", "per-sample loop", "eager",
+                 True, "the authors' per-sample-loop MXA branch / the vectorized eager branch (time)"),
+        KeyRatio("mxa_m5_over_plain_train", "efficientvit_m5", "train", "eager", "timm plain", False,
+                 "MXA-EfficientViT-M5 / timm's plain EfficientViT-M5, training step time"),
+        KeyRatio("mxa_m5_over_plain_inference", "efficientvit_m5", "inference", "eager", "timm plain", False,
+                 "MXA-EfficientViT-M5 / timm's plain EfficientViT-M5, inference time"),
+    ),
+    "full": (
+        KeyRatio("m5_train_eager_over_triton", "efficientvit_m5", "train", "eager", "triton", True,
+                 "training speed-up of the triton backend over the eager backend", 1.5),
+        KeyRatio("m5_train_compile_over_triton", "efficientvit_m5", "train", "torch.compile", "triton", True,
+                 "training speed-up of the triton backend over torch.compile of eager", 1.2),
+        KeyRatio("m5_train_plain_over_triton", "efficientvit_m5", "train", "timm plain", "triton", True,
+                 "training speed of MXA-M5 on triton relative to timm's plain M5", 0.85),
+        KeyRatio("m5_inference_compile_over_triton", "efficientvit_m5", "inference", "torch.compile", "triton", True,
+                 "inference speed-up of the triton backend over torch.compile of eager", 1.3),
+    ),
+}
