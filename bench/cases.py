@@ -13,8 +13,8 @@ arguments. Providers:
 
 Modes: ``forward`` and ``forward+backward`` (kernels and blocks; backward with a fixed output
 gradient), ``inference`` (eval mode under ``torch.inference_mode``), ``train`` (models: forward,
-backward and an AdamW step). Forward and inference calls return their output, which the runner
-compares with the first provider's.
+backward and an AdamW step). Forward and inference calls return their output, the others the
+gradients they computed; the runner compares them with the first provider's.
 """
 
 from __future__ import annotations
@@ -76,18 +76,22 @@ def _tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _compiled(fn, provider: str):
-    return torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
+def _compiled(fn, provider: str) -> Callable:
+    """``torch.compile`` of ``fn`` (a function or module). max-autotune also captures CUDA graphs, whose
+    runs must be marked so that one step's outputs are not taken for the previous step's."""
+    compiled = torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
 
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
 
-def _triton_reason(op: str, device: torch.device) -> str | None:
-    return mxa_kernels.triton_unavailable_reason(op, device)
+    return call
 
 
 def _op_calls(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor, differentiable: tuple[bool, ...],
               extra: tuple = ()) -> dict[str, Callable]:
     """Forward and forward+backward calls of ``fn(*inputs, *extra)``; the inputs flagged in
-    ``differentiable`` get gradients."""
+    ``differentiable`` get gradients, which the forward+backward call returns."""
     leaves = [t.detach().requires_grad_(flag) for t, flag in zip(inputs, differentiable)]
 
     def forward():
@@ -98,6 +102,7 @@ def _op_calls(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor, 
         for t in leaves:
             t.grad = None
         fn(*leaves, *extra).backward(grad_out)
+        return [t.grad for t in leaves if t.requires_grad]
 
     return {"forward": forward, "forward+backward": forward_backward}
 
@@ -135,7 +140,7 @@ def build_mxa_branch(case: Case, device: torch.device, providers: tuple[str, ...
         if provider == "eager":
             fn = eager
         elif provider == "triton":
-            if (reason := _triton_reason("mxa_branch", device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason("mxa_branch", device)) is not None:
                 work.skipped[provider] = reason
                 continue
             fn = fused
@@ -181,7 +186,7 @@ def build_window_attention(case: Case, device: torch.device, providers: tuple[st
         if provider == "eager":
             fn = mxa_kernels.window_attention_ref
         elif provider == "triton":
-            if (reason := _triton_reason("window_attention", device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason("window_attention", device)) is not None:
                 work.skipped[provider] = reason
                 continue
             fn = lambda *a: mxa_kernels.window_attention(*a, backend="triton")  # noqa: E731
@@ -197,25 +202,29 @@ def build_window_attention(case: Case, device: torch.device, providers: tuple[st
 
 # --- block level --------------------------------------------------------------------------------
 
-def _module_calls(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable]:
-    """Training-mode forward+backward (gradient of the output's sum) and eval-mode inference."""
+def _module_calls(module: torch.nn.Module, runner: Callable, x: torch.Tensor) -> dict[str, Callable]:
+    """Training-mode forward+backward (gradient of the output's sum; returns the input's and the
+    parameters' gradients) and eval-mode inference of ``module``, run through ``runner`` (the module
+    or its compiled form)."""
     leaf = x.detach().requires_grad_()
 
     def forward_backward():
         module.train()
         module.zero_grad(set_to_none=True)
         leaf.grad = None
-        module(leaf).float().sum().backward()
+        runner(leaf).float().sum().backward()
+        return [leaf.grad, *(p.grad for p in module.parameters() if p.grad is not None)]
 
     def inference():
         module.eval()
         with torch.inference_mode():
-            return module(x)
+            return runner(x)
 
     return {"forward+backward": forward_backward, "inference": inference}
 
 
 def _block_providers(case: Case, device, providers, make_module, op: str) -> Workload:
+    """The module (the whole module cast to the case's dtype, BatchNorms included) per provider."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
     torch.manual_seed(0)
@@ -226,16 +235,16 @@ def _block_providers(case: Case, device, providers, make_module, op: str) -> Wor
         if provider == "eager":
             module.backend = "eager"
         elif provider == "triton":
-            if (reason := _triton_reason(op, device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason(op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
             module.backend = "triton"
         elif provider in COMPILE_MODES:
             module.backend = "eager"
-            module = _compiled(module, provider)
         else:
             raise ValueError(f"case {case.name} has no provider {provider!r}")
-        work.calls[provider] = _module_calls(module, x)
+        runner = _compiled(module, provider) if provider in COMPILE_MODES else module
+        work.calls[provider] = _module_calls(module, runner, x)
     return work
 
 
@@ -283,7 +292,8 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
             torch.manual_seed(0)
             model = timm.create_model(variant, **common).to(device)
         elif provider in ("eager", "triton", *COMPILE_MODES):
-            if provider == "triton" and (reason := _triton_reason("mxa_branch", device)) is not None:
+            reason = mxa_kernels.triton_unavailable_reason("mxa_branch", device) if provider == "triton" else None
+            if reason is not None:
                 work.skipped[provider] = reason
                 continue
             model = copy.deepcopy(mxa)
@@ -300,6 +310,7 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
                 loss = F.binary_cross_entropy_with_logits(runner(images).float(), labels)
             loss.backward()
             optimizer.step()
+            return [p.grad for p in model.parameters() if p.grad is not None]
 
         def inference(model=model, runner=runner):
             model.eval()

@@ -19,26 +19,29 @@ def speedup_chart(records: list[dict], path: str | os.PathLike) -> None:
         if r.get("median_ms") and r.get("speedup") and not r.get("interpreted"):
             key = (r["case"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"], r["reference"])
             rows[key][r["provider"]] = r["speedup"]
+    rows = {key: speedups for key, speedups in rows.items() if len(speedups) > 1}  # a reference alone says nothing
     if not rows:
-        raise ValueError("no timed records to chart (interpreted and failed calls are left out)")
+        raise ValueError("no timed comparison to chart (interpreted and failed calls are left out)")
     providers = sorted({p for speedups in rows.values() for p in speedups})
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
-    height = 0.8 / len(providers)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) * max(1, len(providers) / 2) + 1.5))
-    labels = []
-    for y, (key, speedups) in enumerate(rows.items()):
-        case, shape, dtype, mode, reference = key
+    fig, ax = plt.subplots(figsize=(10, 0.3 * sum(len(s) + 1 for s in rows.values()) + 1.5))
+    ticks, labels, y = [], [], 0.0
+    for (case, shape, dtype, mode, reference), speedups in rows.items():
+        ticks.append(y + (len(speedups) - 1) / 2)
         labels.append(f"{case} {shape} {dtype}\n{mode} (vs {reference})")
-        for j, provider in enumerate(providers):
-            if provider in speedups:
-                ax.barh(y + (j - (len(providers) - 1) / 2) * height, speedups[provider], height,
-                        color=colors[provider], label=provider)
+        for provider, speedup in sorted(speedups.items()):
+            ax.barh(y, speedup, 0.8, color=colors[provider], label=provider)
+            ax.annotate(f"{speedup:.2f}x", (speedup, y), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+            y += 1
+        y += 1
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.margins(x=0.15)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speed-up over the reference provider (its time / this time)")
     first = records[0]

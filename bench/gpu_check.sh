@@ -3,8 +3,10 @@
 # benchmark suite (`mxa bench --suite full`) with its table, records, key ratios against the targets and
 # speed-up chart. Everything goes to $RESULTS (default bench/results/) named DATE_CARD_*, and to $OUT
 # when set. Runs from a checkout with the machine's own python3 (PYTHON=... to choose another) and no
-# install: the repository goes on PYTHONPATH. The suite's records are appended as they are measured, so
-# a run cut short by BENCH_TIMEOUT (seconds, default 330) keeps what it measured.
+# install: the repository goes on PYTHONPATH. Time limits keep the whole run under 8 minutes: the tests
+# stop after TESTS_TIMEOUT seconds (120), the suite starts no case after BENCH_BUDGET seconds (270) and
+# then writes its outputs, and is killed after BENCH_TIMEOUT seconds (360); the suite's records are
+# appended to the .jsonl file as they are measured, so even a killed run keeps what it measured.
 #
 # Rehearsal on a machine without a GPU: ALLOW_CPU=1, with TESTS (pytest arguments) and BENCH_ARGS (extra
 # `mxa bench` arguments, e.g. "--batch 2 --providers eager") to keep it short; the kernels then run in
@@ -29,11 +31,13 @@ results=${RESULTS:-bench/results}
 mkdir -p "$results"
 prefix="$results/$(date +%F)_${card}"
 status=0
+# -o addopts: the project's pytest options name pytest-benchmark, which this machine may lack
 # shellcheck disable=SC2086 - TESTS and BENCH_ARGS are word lists
-"$py" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
+timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS:-tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
     tests/test_window_attention.py tests/test_cascaded_attention.py} 2>&1 | tee "${prefix}_tests.txt" || status=1
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-330}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
+timeout "${BENCH_TIMEOUT:-360}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
+    --time-budget "${BENCH_BUDGET:-270}" \
     --json "${prefix}_full.json" --chart "${prefix}_full.png" ${BENCH_ARGS:-} 2>&1 \
     | tee "${prefix}_full.txt" || status=1
 if [ -n "${OUT:-}" ]; then cp "${prefix}"_* "$results"/*"_full.jsonl" "$OUT"/ 2>/dev/null; fi

@@ -1,6 +1,6 @@
 """The benchmark suites and the key ratios CI compares with its baselines.
 
-- ``smoke``: CPU-sized, a minute or two on two cores; run by the tests, which gate the key ratios.
+- ``smoke``: CPU-sized, about a minute on two cores; run by the tests, which gate the key ratios.
   Its Triton cases run through the interpreter on the CPU: they check that the fused providers run
   and agree, and their times are not performance figures.
 - ``full``: sized for one GPU (MXA-EfficientViT-M5 shapes at 224 px, batch 256, bf16), the run that

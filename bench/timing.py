@@ -22,7 +22,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each of ``calls`` (CPU), the calls run in turn in every repeat."""
     for fn in calls.values():
         for _ in range(warmup):
@@ -37,22 +37,27 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, wa
 
 
 def gpu_median(fn: Callable[[], object]) -> float:
-    """Median seconds of one call on the current CUDA device."""
+    """Median seconds of one call on the current CUDA device, over at least 10 calls (do_bench fits its
+    call count to ``rep`` milliseconds, which a long call such as a model step would exceed alone)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    estimate_ms = triton.testing.do_bench(fn, warmup=0, rep=1, return_mode="min")
+    return triton.testing.do_bench(fn, warmup=max(25, 2 * estimate_ms), rep=max(100, 10 * estimate_ms),
+                                   return_mode="median") / 1e3
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory allocated on ``device`` during one call, inputs and weights included (CUDA only:
-    the CPU allocator keeps no such statistic, so None there)."""
+    """Peak memory allocated on ``device`` during one call beyond what was allocated before it (inputs,
+    weights and other providers' state are not counted; activations, gradients and workspaces are).
+    CUDA only: the CPU allocator keeps no such statistic, so None there."""
     if device.type != "cuda":
         return None
     sync(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
@@ -61,7 +66,7 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     seconds = gpu_median(lambda: dst.copy_(src)) if device.type == "cuda" else \
-        interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
+        interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats=10, warmup=2)["copy"]
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
@@ -71,7 +76,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = gpu_median(lambda: a @ b) if device.type == "cuda" else \
-        interleaved_medians({"matmul": lambda: a @ b}, repeats=5)["matmul"]
+        interleaved_medians({"matmul": lambda: a @ b}, repeats=5, warmup=2)["matmul"]
     return 2 * n**3 / seconds / 1e12
 
 

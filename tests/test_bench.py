@@ -54,7 +54,7 @@ def _records(ratios: dict[str, float]) -> list[dict]:
     return records
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", range(len(KEY_RATIOS["smoke"])))
 def test_a_regressed_ratio_fails_the_check(tmp_path, capsys, which):
     baseline = runner.read_baseline(BASELINE)["ratios"]
     good = {name: entry["value"] for name, entry in baseline.items()}
@@ -69,6 +69,22 @@ def test_a_regressed_ratio_fails_the_check(tmp_path, capsys, which):
         path.write_text(json.dumps(_records(ratios)))
         assert cli.main(["bench", "--from-json", str(path), "--baseline", str(BASELINE)]) == expected
     assert f"regression: {name}" in capsys.readouterr().out
+
+
+def test_key_ratios_take_the_last_complete_run(tmp_path):
+    """An appended history holds several runs: each ratio comes from one run, the last."""
+    first = _records({r.name: 1.0 for r in KEY_RATIOS["smoke"]})
+    second = _records({r.name: 2.0 for r in KEY_RATIOS["smoke"]})
+    assert set(runner.key_ratios(first + second, "smoke").values()) == {2.0}
+    assert set(runner.key_ratios(second + first, "smoke").values()) == {1.0}
+
+
+def test_time_budget_stops_starting_cases(tmp_path, capsys):
+    out = tmp_path / "budget.json"
+    assert cli.main(["bench", "--cases", "window_attention,mxa_branch_align", "--providers", "eager", "--no-save",
+                     "--time-budget", "0", "--json", str(out)]) == 0
+    assert "1 case(s) not run: window_attention" in capsys.readouterr().out
+    assert {r["case"] for r in json.loads(out.read_text())} == {"mxa_branch_align"}
 
 
 def test_a_ratio_missing_from_the_run_fails_the_check(tmp_path, capsys):
@@ -105,21 +121,36 @@ def test_full_suite_builds_and_runs_at_batch_2(tmp_path):
     assert all(r["gbs"] > 0 for r in records if r["level"] == "kernel")
 
 
-def test_a_failing_provider_is_reported_and_the_others_still_timed(tmp_path, capsys):
+def test_a_failing_provider_is_reported_and_the_others_still_timed():
+    calls_made = []
+
     def build(case, device, providers):
         def broken():
             raise RuntimeError("out of resources\nmore detail")
-        return Workload(calls={"eager": {"forward": lambda: torch.ones(3)}, "triton": {"forward": broken}},
-                        skipped={"sdpa": "not here"})
 
-    case = Case("fake", "kernel", (1, 3), "float32", ("forward",), ("eager", "triton", "sdpa"), build, repeats=2)
+        def fails_when_timed():  # passes its first call, then runs out of memory
+            calls_made.append(1)
+            if len(calls_made) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return torch.ones(3)
+
+        return Workload(calls={"eager": {"forward": lambda: torch.ones(3)}, "triton": {"forward": broken},
+                               "sdpa": {"forward": lambda: torch.ones(3) * 1.01},
+                               "torch.compile": {"forward": fails_when_timed}},
+                        skipped={"timm plain": "not here"})
+
+    case = Case("fake", "kernel", (1, 3), "float32", ("forward",), ("eager", "triton", "sdpa", "torch.compile"),
+                build, repeats=2)
     records = []
     runner.run_case(case, torch.device("cpu"), {}, {"copy_gbs": 1.0, "matmul_tflops": {}}, records.append)
     by_provider = {r["provider"]: r for r in records}
     assert by_provider["eager"]["median_ms"] > 0
     assert by_provider["triton"]["error"] == "RuntimeError: out of resources"
-    assert by_provider["sdpa"]["skipped"] == "not here"
+    assert by_provider["torch.compile"]["error"] == "OutOfMemoryError: CUDA out of memory"
+    assert by_provider["timm plain"]["skipped"] == "not here"
+    assert by_provider["sdpa"]["rel_err"] == pytest.approx(0.01) and by_provider["sdpa"]["mismatch"]
     assert "ERROR RuntimeError: out of resources" in runner.format_record(by_provider["triton"])
+    assert "MISMATCH" in runner.format_record(by_provider["sdpa"])
 
 
 @pytest.mark.parametrize("argv, message", [
