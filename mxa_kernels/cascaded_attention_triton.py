@@ -102,7 +102,10 @@ def cascaded_attention_infer_kernel(
         s = tl.dot(q_dw.to(dt), tl.trans(k.to(dt)), input_precision=PREC) * scale32
         pair_ok = in_window[:, None] & in_window[None, :]
         idx = tl.load(idx_ptr + n[:, None] * (WS * WS) + n[None, :], mask=pair_ok, other=0)
-        s += tl.load(bias_ptr + head * OFFSETS + idx, mask=pair_ok, other=0.0)
+        # an offset outside the table gives a NaN score: the table is never read past
+        in_table = (idx >= 0) & (idx < OFFSETS)
+        s += tl.where(pair_ok & ~in_table, float("nan"),
+                      tl.load(bias_ptr + head * OFFSETS + idx, mask=pair_ok & in_table, other=0.0))
         s = tl.where(in_window[None, :], s, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
@@ -111,6 +114,9 @@ def cascaded_attention_infer_kernel(
         v = tl.dot(f, tl.load(w_head + (2 * DK + dv)[None, :] * CG, mask=v_w_mask, other=0.0), input_precision=PREC)
         v += tl.load(b_head + 2 * DK + dv, mask=dv < DV, other=0.0)[None, :]
         out_head = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
+        # zero on the padding (tokens past the window, columns past Dv), which a NaN or Inf in the
+        # window's real tokens would otherwise reach through the products and carry to every token
+        out_head = tl.where(in_window[:, None] & (dv[None, :] < DV), out_head, 0.0)
         tl.store(heads_buf + head * NP * DVP, out_head.to(dt))
         tl.debug_barrier()  # the next head reads this output as part of its input
 
@@ -120,7 +126,8 @@ def cascaded_attention_infer_kernel(
         c_ok = (c0 + co) < C
         acc = tl.zeros((NP, COB), dtype=tl.float32) + tl.load(proj_b_ptr + c0 + co, mask=c_ok, other=0.0)[None, :]
         for head in range(HEADS):
-            a = tl.maximum(tl.load(heads_buf + head * NP * DVP), 0.0).to(dt)  # the ReLU before the projection
+            # the ReLU before the projection; NaN stays NaN as in torch.relu (tl.maximum's default drops it)
+            a = tl.maximum(tl.load(heads_buf + head * NP * DVP), 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt)
             w_proj = tl.load(proj_w_ptr + (c0 + co)[None, :] * (HEADS * DV) + (head * DV + dv)[:, None],
                              mask=(dv[:, None] < DV) & c_ok[None, :], other=0.0)
             acc += tl.dot(a, w_proj, input_precision=PREC)

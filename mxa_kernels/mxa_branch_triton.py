@@ -39,6 +39,21 @@ MAX_MAP_SIDE = 32
 SHIPPED_CONFIGS = {16: (16, 8), 8: (8, 8), 4: (4, 4)}  # block_c -> (block_c, num_warps)
 
 
+def _clamp_gradient_at_bounds() -> bool:
+    """Whether torch.clamp passes the gradient at its bounds: PyTorch used to (subgradient 1), newer
+    releases give the minimum-norm subgradient 0. The eager reference clamps each RoIAlign sample
+    position to the map, so a position exactly on the border (a box edge at 0 or 1, for example)
+    moves with the box or not by this rule; the kernel's box gradient follows it."""
+    with torch.inference_mode(False), torch.enable_grad():
+        position = torch.zeros((), requires_grad=True)
+        (grad,) = torch.autograd.grad(position.clamp(0.0, 1.0), position)
+    return bool(grad != 0)
+
+
+# a global constexpr, read by the backward kernel (its signature stays the same)
+CLAMP_GRADIENT_AT_BOUNDS = tl.constexpr(_clamp_gradient_at_bounds())
+
+
 @triton.jit
 def _snap_axis(lo, hi, n):
     """The authors' integer crop of one axis: truncated, clamped start and end (end may be <= start)."""
@@ -62,16 +77,22 @@ def _crop_taps(start, length, n, NP: tl.constexpr):
 
 
 @triton.jit
-def _align_taps(lo, hi, n, NP: tl.constexpr):
-    """RoIAlign (aligned, one sample per bin, border clamped) of the normalized interval [lo, hi]."""
+def _align_taps(lo, hi, n, NP: tl.constexpr, AT_BOUNDS: tl.constexpr):
+    """RoIAlign (aligned, one sample per bin, border clamped) of the normalized interval [lo, hi].
+    ``moves``: where the sample position follows the box; a position exactly on the clamp's bounds
+    moves if AT_BOUNDS, as torch.clamp's gradient says (see CLAMP_GRADIENT_AT_BOUNDS)."""
     o = tl.arange(0, NP).to(tl.float32)
     nf = n.to(tl.float32)
     src_raw = lo * nf - 0.5 + (o + 0.5) * (hi - lo)
-    src = tl.minimum(tl.maximum(src_raw, 0.0), nf - 1.0)
+    src = tl.minimum(tl.maximum(src_raw, 0.0), nf - 1.0)  # (a NaN position becomes 0 here: no NaN index)
     i0 = tl.minimum(tl.maximum(tl.floor(src).to(tl.int32), 0), n - 1)
-    lam = src - i0.to(tl.float32)
+    # a NaN position (a NaN or infinite box) gives NaN weights, as in the eager reference
+    lam = tl.where(src_raw != src_raw, src_raw, src - i0.to(tl.float32))
     i1 = tl.minimum(i0 + 1, n - 1)
-    moves = (src_raw >= 0.0) & (src_raw <= nf - 1.0)  # where the sample position follows the box
+    if AT_BOUNDS:
+        moves = (src_raw >= 0.0) & (src_raw <= nf - 1.0)
+    else:
+        moves = (src_raw > 0.0) & (src_raw < nf - 1.0)
     return i0, i1, lam, moves
 
 
@@ -101,8 +122,8 @@ def _sample_matrices(box_ptr, H, W, ALIGN: tl.constexpr, HP: tl.constexpr, WP: t
     bx2 = tl.load(box_ptr + 2)
     by2 = tl.load(box_ptr + 3)
     if ALIGN:
-        r0, r1, rlam, _ = _align_taps(by1, by2, H, HP)
-        c0, c1, clam, _ = _align_taps(bx1, bx2, W, WP)
+        r0, r1, rlam, _ = _align_taps(by1, by2, H, HP, True)
+        c0, c1, clam, _ = _align_taps(bx1, bx2, W, WP, True)
     else:
         x1, x2 = _snap_axis(bx1, bx2, W)
         y1, y2 = _snap_axis(by1, by2, H)
@@ -204,7 +225,8 @@ def mxa_branch_fwd_kernel(
         w1 = tl.load(w1_ptr + j[:, None] * C + cc[None, :], mask=(j[:, None] < CH) & (cc[None, :] < C), other=0.0)
         hidden += tl.sum(w1 * pooled[None, :], axis=1)
     tl.store(hidden_ptr + b * CH + j, hidden, mask=j < CH)
-    hidden = tl.maximum(hidden, 0.0)
+    # ReLU; NaN stays NaN as in torch.relu (tl.maximum's default drops it), the padding stays 0
+    hidden = tl.where(j < CH, tl.maximum(hidden, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
 
     # Pass 2: channel weights, then the channel max (first maximal channel) and mean of the scaled map.
     best = tl.full((HP, WP), float("-inf"), tl.float32)
@@ -361,8 +383,8 @@ def mxa_branch_bwd_input_kernel(
         by1 = tl.load(box_ptr + b * 4 + 1)
         bx2 = tl.load(box_ptr + b * 4 + 2)
         by2 = tl.load(box_ptr + b * 4 + 3)
-        r0, r1, _, r_moves = _align_taps(by1, by2, H, HP)
-        k0, k1, _, k_moves = _align_taps(bx1, bx2, W, WP)
+        r0, r1, _, r_moves = _align_taps(by1, by2, H, HP, CLAMP_GRADIENT_AT_BOUNDS)
+        k0, k1, _, k_moves = _align_taps(bx1, bx2, W, WP, CLAMP_GRADIENT_AT_BOUNDS)
         d_rows = _tap_derivative_matrix(r0, r1, r_moves, H, HP)
         d_cols = _tap_derivative_matrix(k0, k1, k_moves, W, WP)
         g_full = tl.where(mask, g_z + g_pooled[:, None, None] * inv_hw, 0.0)

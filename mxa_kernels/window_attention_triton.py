@@ -42,8 +42,9 @@ def _window_tile(ptr, window_id, n_wh, n_ww, WS, sb, sd, sh, sw, D, DP: tl.const
 
 @triton.jit
 def _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, skb, skd, skh, skw,
-            DK, scale, DKP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr):
-    """scale * q^T k + bias[idx] of one window, (NP, NP), padded key columns at -inf; and q, k."""
+            DK, OFFSETS, scale, DKP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr):
+    """scale * q^T k + bias[idx] of one window, (NP, NP), padded key columns at -inf; and q, k.
+    An offset outside the table of OFFSETS entries gives a NaN score (the table is never read past)."""
     q_offs, q_mask = _window_tile(q_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, DK, DKP, NP)
     k_offs, k_mask = _window_tile(k_ptr, w, n_wh, n_ww, WS, skb, skd, skh, skw, DK, DKP, NP)
     q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
@@ -51,22 +52,24 @@ def _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, s
     n = tl.arange(0, NP)
     pair_ok = (n[:, None] < WS * WS) & (n[None, :] < WS * WS)
     idx = tl.load(idx_ptr + n[:, None] * (WS * WS) + n[None, :], mask=pair_ok, other=0)
-    bias = tl.load(bias_ptr + idx, mask=pair_ok, other=0.0)
+    in_table = (idx >= 0) & (idx < OFFSETS)
+    bias = tl.load(bias_ptr + idx, mask=pair_ok & in_table, other=0.0)
+    bias = tl.where(pair_ok & ~in_table, float("nan"), bias)
     s = tl.dot(tl.trans(q), k, input_precision=PREC) * tl.cast(scale, tl.float32) + bias
     s = tl.where((n[None, :] < WS * WS), s, float("-inf"))
     return s, q, k, idx, pair_ok
 
 
-@triton.jit(do_not_specialize=["n_wh", "n_ww", "WS", "DK", "DV"])
+@triton.jit(do_not_specialize=["n_wh", "n_ww", "WS", "DK", "DV", "OFFSETS"])
 def window_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, idx_ptr, out_ptr, rows_ptr,
-    n_wh, n_ww, WS, DK, DV, scale,
+    n_wh, n_ww, WS, DK, DV, OFFSETS, scale,
     sqb, sqd, sqh, sqw, skb, skd, skh, skw, svb, svd, svh, svw, sob, sod, soh, sow,
     DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
 ):
     w = tl.program_id(0)
     s, _, _, _, _ = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
-                            skb, skd, skh, skw, DK, scale, DKP, NP, PREC)
+                            skb, skd, skh, skw, DK, OFFSETS, scale, DKP, NP, PREC)
     row_max = tl.max(s, axis=1)
     p = tl.exp(s - row_max[:, None])
     row_sum = tl.sum(p, axis=1)
@@ -91,7 +94,7 @@ def window_attention_bwd_kernel(
 ):
     w = tl.program_id(0)
     s, q, k, idx, pair_ok = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
-                                    skb, skd, skh, skw, DK, scale, DKP, NP, PREC)
+                                    skb, skd, skh, skw, DK, OFFSETS, scale, DKP, NP, PREC)
     n = tl.arange(0, NP)
     row_max = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + n)
     row_sum = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + NP + n)
@@ -137,7 +140,7 @@ def window_attention_forward(q, k, v, bias, bias_idx, window: int, scale: float)
     with alloc.on_device(q):
         window_attention_fwd_kernel[(windows,)](
             q, k, v, bias.float().contiguous(), bias_idx.to(torch.int32).contiguous(), out, rows,
-            n_wh, n_ww, window, q.shape[1], v.shape[1], scale,
+            n_wh, n_ww, window, q.shape[1], v.shape[1], bias.shape[0], scale,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), **config,
         )
     return out, rows

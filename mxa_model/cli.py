@@ -116,7 +116,7 @@ def train(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, backend=args.backend, compile=args.compile, seed=args.seed,
         workers=args.workers, roi_mode=args.roi_mode, policy=args.policy, views=tuple(v.strip() for v in args.views.split(",")),
         augment=args.augment, resume=args.resume, device=args.device, progress=not args.quiet,
-        max_steps_per_epoch=args.max_steps)
+        max_steps_per_epoch=args.max_steps, on_bad_data=args.on_bad_data, on_nonfinite=args.on_nonfinite)
     summary = run(cfg)
     if summary:
         print(f"checkpoints: {summary['last']} (last), {summary['best']} (best by validation mean AUC)")
@@ -130,7 +130,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
     result = run(args.checkpoint, args.data, args.split, json_path=args.json, report_dir=args.report_dir,
                  batch_size=args.batch_size, workers=args.workers, device=args.device, backend=args.backend,
-                 progress=not args.quiet)
+                 progress=not args.quiet, on_bad_data=args.on_bad_data)
+    if result["skipped"]:
+        print(f"--on-bad-data skip: left out {len(result['skipped'])} row(s) or image(s): "
+              + "; ".join(result["skipped"][:3]) + (" ..." if len(result["skipped"]) > 3 else ""))
     print(format_auc_table(result))
     if "roi_iou" in result:
         roi = result["roi_iou"]
@@ -164,7 +167,7 @@ def export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .data.chexpert import UNCERTAINTY_POLICIES
     from .predict import EXPORT_FORMATS
-    from .train.loop import AMP_MODES, CLIP_MODES
+    from .train.loop import AMP_MODES, CLIP_MODES, ON_FAULT
     from .train.losses import DISTILL_TYPES
     from mxa_bench.runner import add_arguments as bench_arguments
 
@@ -235,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch (smoke runs)")
+    p.add_argument("--on-bad-data", choices=ON_FAULT, default="raise",
+                   help="a malformed CSV row or unreadable image: stop naming it, or skip: check every image up "
+                        "front, leave the bad ones out and count them (default: %(default)s)")
+    p.add_argument("--on-nonfinite", choices=ON_FAULT, default="raise",
+                   help="a batch whose loss is NaN or Inf: stop naming the batch and its files, or skip it "
+                        "(no step) and count it in log.csv (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("eval", evaluate, "evaluate a checkpoint: per-label AUC, macro and micro means")
@@ -247,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None)
+    p.add_argument("--on-bad-data", choices=ON_FAULT, default="raise",
+                   help="a malformed CSV row or unreadable image: stop naming it, or skip: check every image up "
+                        "front, leave the bad ones out and count them (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
 
     p = command("predict", predict, "per-finding probabilities for image or DICOM files")

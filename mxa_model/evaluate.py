@@ -70,8 +70,10 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", json_path: str | Path | None = None,
              report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 0, device: str | None = None,
-             backend: str | None = None, progress: bool = True) -> dict:
-    """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``."""
+             backend: str | None = None, progress: bool = True, on_bad_data: str = "raise") -> dict:
+    """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``.
+    ``on_bad_data="skip"`` checks every image first and leaves out (and lists in ``skipped``) the
+    malformed CSV rows and unreadable images instead of stopping at the first."""
     model, state = model_from_checkpoint(checkpoint)
     config = state.get("config", {})
     img_size = config.get("img_size", 224)
@@ -81,14 +83,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", jso
     model.to(ctx.device).eval()
     # only labelled cells are scored: uncertain cells are left out, whatever the training policy
     dataset = CheXpertDataset(data, split, policy=EVAL_POLICY, views=tuple(config.get("views", ("frontal",))),
-                              transform=eval_transform(img_size))
+                              transform=eval_transform(img_size), on_error=on_bad_data,
+                              image_check=on_bad_data == "skip")
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     probs, targets, mask, _ = predict(model, loader, ctx, progress=progress)
     labels = list(state.get("labels", dataset.labels))
     result = {"checkpoint": str(checkpoint), "model": state["model_name"], "split": split, "data": str(data),
-              **auc_report(probs, targets, mask, labels)}
+              **auc_report(probs, targets, mask, labels), "skipped": [str(e) for e in dataset.skipped]}
     if hasattr(model, "mxa_modules"):
         result["roi_mode"] = state["model_kwargs"].get("roi_mode")
         findings = read_findings(data)

@@ -36,7 +36,10 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EVAL_POLICY = "ignore"
 CLIP_MODES = ("norm", "agc", "value")
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
-              "ema_auc_macro", "ema_auc_micro", "seconds")
+              "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
+
+
+ON_FAULT = ("raise", "skip")
 
 
 @dataclass
@@ -74,12 +77,17 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     max_steps_per_epoch: int | None = None  # a short run (tests, smoke runs)
+    on_bad_data: str = "raise"  # "skip": malformed CSV rows and unreadable images are left out and counted
+    on_nonfinite: str = "raise"  # "skip": a batch with a non-finite loss is skipped (no step) and counted
 
     def check(self) -> None:
         if self.distill_type not in DISTILL_TYPES:
             raise ValueError(f"--distill-type must be one of {', '.join(DISTILL_TYPES)}, got {self.distill_type!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        for name in ("on_bad_data", "on_nonfinite"):
+            if getattr(self, name) not in ON_FAULT:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_FAULT)}, got {getattr(self, name)!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
         for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):
@@ -128,7 +136,8 @@ def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, tra
 
 @torch.no_grad()
 def predict(model, loader, ctx: distributed.Context, dtype=None, channels_last=False, progress=False, desc="eval"):
-    """Sigmoid probabilities, targets, masks and dataset indices of every sample, once each."""
+    """Sigmoid probabilities, targets, masks and dataset indices of every sample, once each; non-finite
+    outputs raise ``FloatingPointError`` naming the images (a :class:`CheXpertDataset` loader)."""
     model.eval()
     rows = {"index": [], "probs": [], "targets": [], "mask": []}
     for images, targets, mask, index in tqdm(loader, desc=desc, disable=not (progress and ctx.main), leave=False):
@@ -142,6 +151,12 @@ def predict(model, loader, ctx: distributed.Context, dtype=None, channels_last=F
         rows["mask"].append(mask)
         rows["index"].append(index)
     index, probs, targets, mask = distributed.gather_by_index(ctx, *(torch.cat(rows[k]) for k in ("index", "probs", "targets", "mask")))
+    bad = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        records = loader.dataset.records
+        files = [str(records[int(index[i])].path) for i in bad[:5]]
+        raise FloatingPointError(f"the model gave non-finite outputs for {len(bad)} image(s): {', '.join(files)}"
+                                 + (" ..." if len(bad) > 5 else ""))
     return probs, targets, mask, index
 
 
@@ -176,13 +191,23 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     say = print if ctx.main else (lambda *a, **k: None)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
+            stale.unlink()
+            say(f"removed {stale}, the partial checkpoint write of an earlier run that was killed")
     torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
     policy = UncertaintyPolicy.parse(cfg.policy)
+    # --on-bad-data skip: every image is decoded once up front, so that a bad one is left out (and
+    # counted) before training rather than stopping it halfway
+    faults = dict(on_error=cfg.on_bad_data, image_check=cfg.on_bad_data == "skip")
     train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views,
-                                transform=train_transform(cfg.img_size, cfg.augment), seed=cfg.seed)
+                                transform=train_transform(cfg.img_size, cfg.augment), seed=cfg.seed, **faults)
     # validation scores the labelled cells only: uncertain cells are left out, whatever the training policy
     valid_set = CheXpertDataset(cfg.data, "valid", policy=EVAL_POLICY, views=cfg.views,
-                                transform=eval_transform(cfg.img_size), seed=cfg.seed)
+                                transform=eval_transform(cfg.img_size), seed=cfg.seed, **faults)
+    for dataset in (train_set, valid_set):
+        if dataset.skipped:
+            say(f"--on-bad-data skip: left out {len(dataset.skipped)} row(s) or image(s) of {dataset.csv_path}: "
+                + "; ".join(str(e) for e in dataset.skipped[:3]) + (" ..." if len(dataset.skipped) > 3 else ""))
     labels = list(train_set.labels)
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
@@ -262,15 +287,18 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         train_set.set_epoch(epoch)
         loader = _loader(train_set, cfg, ctx, epoch, train=True)
         model.train()
-        total, count, seen = 0.0, 0, 0
+        total, count, seen, skipped = 0.0, 0, 0, 0
+        # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
+        buffers = list(model.buffers()) if cfg.on_nonfinite == "skip" else []
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.main))
-        for batch_no, (images, targets, mask, _) in enumerate(bar):
+        for batch_no, (images, targets, mask, index) in enumerate(bar):
             if batch_no >= steps_per_epoch:
                 break
             images = images.to(ctx.device, non_blocking=True)
             targets, mask = targets.to(ctx.device), mask.to(ctx.device)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            saved = [b.clone() for b in buffers]
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = forward_model(images)
                 if teacher is not None:
@@ -280,8 +308,16 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                 else:
                     loss = supervised_loss(outputs, targets, mask)
             loss_value = loss.item()  # the step's one host sync: the check and the progress figures
-            if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank stops, none waits
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, batch {batch_no + 1}")
+            if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank acts alike, none waits
+                where = _nonfinite_report(loss_value, images, index, train_set, epoch, batch_no)
+                if cfg.on_nonfinite == "raise":
+                    raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
+                skipped += 1
+                with torch.no_grad():
+                    for buffer, value in zip(buffers, saved):
+                        buffer.copy_(value)
+                say(f"\n--on-nonfinite skip: {where}: batch skipped")
+                continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
@@ -319,7 +355,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                    "images_per_s": images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
                    "auc_competition": report["auc_competition"],
                    "ema_auc_macro": ema_report and ema_report["auc_macro"],
-                   "ema_auc_micro": ema_report and ema_report["auc_micro"],
+                   "ema_auc_micro": ema_report and ema_report["auc_micro"], "skipped_batches": skipped,
                    "seconds": time.perf_counter() - started}
             log_rows.append(row)
             _write_log(log_path, log_rows)
@@ -355,6 +391,20 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     if ctx.main and summary:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _nonfinite_report(loss_value: float, images: torch.Tensor, index: torch.Tensor, dataset, epoch: int,
+                      batch_no: int) -> str:
+    """Where a non-finite loss came from: the batch, and the files whose images hold NaN or Inf, or
+    that the inputs were finite (the model diverged)."""
+    where = f"loss {loss_value} at epoch {epoch + 1}, batch {batch_no + 1}"
+    bad = (~torch.isfinite(images).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        files = [str(dataset.records[int(index[i])].path) for i in bad]
+        return f"{where}: non-finite input in {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "")
+    files = [str(dataset.records[int(i)].path) for i in index[:3]]
+    return (f"{where} with finite inputs ({', '.join(files)}{' ...' if len(index) > 3 else ''}): the training "
+            "diverged; lower --lr or use --clip-grad")
 
 
 def _tensorboard(out: Path):

@@ -1,0 +1,248 @@
+"""Faults lose nothing: a training process killed with SIGKILL (mid-step or mid-checkpoint-write) and
+resumed ends with the weights of an uninterrupted run; non-finite inputs and losses are named, or
+skipped and counted on request; bad data is named, or skipped and counted on request; no code path
+evaluates strings from data or unpickles code."""
+
+import ast
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mxa_model import cli
+from mxa_model.data import CheXpertDataset
+from mxa_model.data.synth import generate
+from mxa_model.train import checkpoint as ckpt
+from mxa_model.train import loop
+from mxa_model.train.loop import TrainConfig, train
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(generate(tmp_path_factory.mktemp("synth"), n_train=32, n_valid=12, img_size=48, seed=2,
+                        workers=1, progress=False))
+
+
+def train_args(data, output):
+    return ["train", "--data", data, "--output", str(output), "--model", "mxa_efficientvit_m0", "--epochs", "3",
+            "--img-size", "48", "--batch-size", "8", "--workers", "0", "--max-steps", "2", "--roi-mode", "align",
+            "--ema-decay", "0.9", "--clip-grad", "1.0", "--quiet"]
+
+
+# Runs `mxa train` in a fresh process that SIGKILLs itself at the Nth call of a hook: the loss (a
+# training step) or torch.save (a checkpoint write, cut off halfway through the file).
+KILLER = """
+import os, signal, sys
+import torch
+from mxa_model import cli
+from mxa_model.train import loop
+
+hook, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+calls = []
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if hook == "step":
+    real_loss = loop.supervised_loss
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == n:
+            die()
+        return real_loss(*args)
+    loop.supervised_loss = loss
+elif hook == "save":
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) == n:
+            f.flush()
+            f.truncate(f.tell() // 2)
+            os.fsync(f.fileno())
+            die()
+    torch.save = save
+sys.exit(cli.main(argv))
+"""
+
+
+def run_train(hook: str, n: int, argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")  # one thread: the same arithmetic every run
+    return subprocess.run([sys.executable, "-c", KILLER, hook, str(n), *argv], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_same_weights(got: Path, want: Path) -> None:
+    a, b = ckpt.load_checkpoint(got), ckpt.load_checkpoint(want)
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    for part in ("model", "model_ema"):
+        for key, value in b[part].items():
+            assert torch.equal(a[part][key], value), f"{part} {key}"
+    for slot, state in b["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(a["optimizer"]["state"][slot][name], value), f"optimizer {slot} {name}"
+
+
+def test_sigkill_mid_training_or_mid_checkpoint_write_then_resume_gives_the_same_weights(data, tmp_path):
+    whole = tmp_path / "whole"
+    done = run_train("none", 0, train_args(data, whole))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for hook, n in (("step", 4), ("save", 3)):  # step 2 of epoch 2; epoch 2's last.pt (after epoch 1's last and best)
+        out = tmp_path / hook
+        killed = run_train(hook, n, train_args(data, out))
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert ckpt.load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
+        if hook == "save":
+            assert list(out.glob(".last.pt.*.tmp"))  # the cut-off write, never renamed over last.pt
+        resumed = run_train("none", 0, [*train_args(data, out), "--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "resumed from" in resumed.stdout
+        assert not list(out.glob(".*.tmp"))  # the leftover was removed
+        assert_same_weights(out / "last.pt", whole / "last.pt")
+        log = list(csv.DictReader((out / "log.csv").open()))
+        assert [row["epoch"] for row in log] == ["0", "1", "2"]
+
+
+def config(data, output, **kw):
+    base = dict(data=data, output=str(output), model="mxa_efficientvit_m0", epochs=1, img_size=48, batch_size=8,
+                workers=0, progress=False, max_steps_per_epoch=3, roi_mode="align")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def nan_image(monkeypatch):
+    """Sample 5 of the training set loads as an image holding NaN (as a float DICOM or a broken
+    transform could make it); returns that sample's file."""
+    real = CheXpertDataset.__getitem__
+
+    def getitem(self, index):
+        image, target, mask, i = real(self, index)
+        if self.csv_path.name == "train.csv" and i == 5:
+            image = image.clone()
+            image[0, 3, 3] = float("nan")
+        return image, target, mask, i
+    monkeypatch.setattr(CheXpertDataset, "__getitem__", getitem)
+
+
+def test_a_nan_input_stops_training_naming_the_batch_and_file(data, tmp_path, nan_image):
+    with pytest.raises(FloatingPointError) as info:
+        train(config(data, tmp_path, augment=0.0))
+    message = str(info.value)
+    dataset = CheXpertDataset(data, "train")
+    assert "at epoch 1, batch " in message and "non-finite input in" in message
+    assert str(dataset.records[5].path) in message and "--on-nonfinite skip" in message
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_on_nonfinite_skip_skips_and_counts_the_batch(data, tmp_path, nan_image, capsys):
+    train(config(data, tmp_path, augment=0.0, on_nonfinite="skip"))
+    log = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert log[0]["skipped_batches"] == "1"
+    assert "batch skipped" in capsys.readouterr().out
+    state = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # a model gone non-finite is named at evaluation, not fed to the AUC
+    state["model"]["head.linear.weight"][0, 0] = float("nan")
+    ckpt.save_checkpoint(tmp_path / "nan.pt", state)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nan.pt"), "--data", data, "--quiet"]) == 1
+    assert "non-finite outputs for 12 image(s): " in capsys.readouterr().err
+
+
+def test_a_diverged_loss_says_the_inputs_were_finite(data, tmp_path, monkeypatch):
+    real_loss = loop.supervised_loss
+    monkeypatch.setattr(loop, "supervised_loss", lambda *args: real_loss(*args) * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"loss (nan|inf) at epoch 1, batch 1 with finite inputs .*diverged"):
+        train(config(data, tmp_path))
+
+
+@pytest.fixture
+def bad_data(data, tmp_path):
+    """A copy of the data set with one truncated image and one row holding a bad label value."""
+    import shutil
+
+    root = Path(shutil.copytree(data, tmp_path / Path(data).name))
+    lines = (root / "train.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[3].split(",")
+    cells[header.index("Edema")] = "maybe"
+    lines[3] = ",".join(cells)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    image = root.parent / lines[5].split(",")[0]
+    image.write_bytes(image.read_bytes()[:200])
+    return str(root), image
+
+
+def test_bad_data_is_named_or_skipped_and_counted_on_request(bad_data, tmp_path, capsys):
+    root, truncated = bad_data
+    args = ["--data", root, "--model", "mxa_efficientvit_m0", "--epochs", "1", "--img-size", "48",
+            "--batch-size", "8", "--workers", "0", "--max-steps", "1", "--quiet"]
+    assert cli.main(["train", *args, "--output", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "train.csv" in err and "row 4" in err and "Edema" in err and "maybe" in err
+    assert cli.main(["train", *args, "--output", str(tmp_path / "b"), "--on-bad-data", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 2 row(s) or image(s)" in out and str(truncated) in out
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "b" / "last.pt"), "--data", root, "--split", "train",
+                     "--on-bad-data", "skip", "--quiet"]) == 0
+    assert "left out 2 row(s) or image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not DICOM", "no pixel data"])
+def test_an_unreadable_dicom_names_the_file(tmp_path, damage):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from mxa_model.data import ImageReadError, load_image
+
+    source = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
+    path = tmp_path / "scan.dcm"
+    if damage == "truncated":
+        path.write_bytes(source.read_bytes()[:4000])
+    elif damage == "not DICOM":
+        path.write_bytes(b"DICM" + b"\x00" * 500)
+    else:
+        ds = pydicom.dcmread(source)
+        del ds.PixelData
+        ds.save_as(path)
+    with pytest.raises(ImageReadError) as info:
+        load_image(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            yield name, node
+
+
+def test_no_code_path_evaluates_strings_or_unpickles():
+    """Static check of the package sources: no eval/exec, no pickle or yaml loading, no shell, and every
+    torch.load with weights_only=True."""
+    sources = [p for d in ("mxa_model", "mxa_kernels", "bench") for p in (ROOT / d).rglob("*.py")]
+    assert len(sources) > 20
+    found = []
+    for path in sources:
+        for name, node in _calls(ast.parse(path.read_text(), str(path))):
+            keywords = {k.arg: k.value for k in node.keywords}
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if isinstance(node.func, ast.Name) and name in ("eval", "exec", "compile", "__import__"):
+                found.append(f"{where} {name}")
+            if name in ("system", "popen") and getattr(getattr(node.func, "value", None), "id", "") == "os":
+                found.append(f"{where} os.{name}")
+            if name in ("load", "loads") and isinstance(node.func, ast.Attribute) and getattr(
+                    node.func.value, "id", "") in ("pickle", "yaml", "marshal", "dill"):
+                found.append(f"{where} {node.func.value.id}.{name}")
+            if name == "load" and getattr(getattr(node.func, "value", None), "id", "") == "torch" and not (
+                    isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True):
+                found.append(f"{where} torch.load without weights_only=True")
+            if isinstance(keywords.get("shell"), ast.Constant) and keywords["shell"].value:
+                found.append(f"{where} shell=True")
+    assert found == []
