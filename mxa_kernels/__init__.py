@@ -167,8 +167,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     synchronization): NaN and Inf in the inputs propagate to the output as in the eager reference.
     bias_idx's range is checked for CPU tensors only; on a GPU the fused kernel gives NaN scores
     for an offset outside the table (never reading past it).
-    bias_idx's range is checked for CPU tensors only; on a GPU the fused kernel gives NaN scores
-    for an offset outside the table (never reading past it).
     """
     op = "window_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -14,6 +14,10 @@ import mxa_model
 from mxa_model.train.distributed import default_device
 
 
+BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or skip: check every image up front, "
+                 "leave the bad ones out and count them (default: %(default)s)")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mxa_efficientvit_m5", help="model name (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="input side in pixels (default: %(default)s)")
@@ -125,6 +129,7 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a split: per-label ROC-AUC, macro and micro means, thresholds, ROI IoU."""
+    from .data.chexpert import describe_skipped
     from .evaluate import evaluate as run
     from .metrics import format_auc_table
 
@@ -132,8 +137,7 @@ def evaluate(args: argparse.Namespace) -> int:
                  batch_size=args.batch_size, workers=args.workers, device=args.device, backend=args.backend,
                  progress=not args.quiet, on_bad_data=args.on_bad_data)
     if result["skipped"]:
-        print(f"--on-bad-data skip: left out {len(result['skipped'])} row(s) or image(s): "
-              + "; ".join(result["skipped"][:3]) + (" ..." if len(result["skipped"]) > 3 else ""))
+        print(f"--on-bad-data skip: {describe_skipped(result['skipped'])}")
     print(format_auc_table(result))
     if "roi_iou" in result:
         roi = result["roi_iou"]
@@ -165,9 +169,9 @@ def export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.chexpert import UNCERTAINTY_POLICIES
+    from .data.chexpert import ON_ERROR, UNCERTAINTY_POLICIES
     from .predict import EXPORT_FORMATS
-    from .train.loop import AMP_MODES, CLIP_MODES, ON_FAULT
+    from .train.loop import AMP_MODES, CLIP_MODES
     from .train.losses import DISTILL_TYPES
     from mxa_bench.runner import add_arguments as bench_arguments
 
@@ -238,10 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch (smoke runs)")
-    p.add_argument("--on-bad-data", choices=ON_FAULT, default="raise",
-                   help="a malformed CSV row or unreadable image: stop naming it, or skip: check every image up "
-                        "front, leave the bad ones out and count them (default: %(default)s)")
-    p.add_argument("--on-nonfinite", choices=ON_FAULT, default="raise",
+    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP)
+    p.add_argument("--on-nonfinite", choices=ON_ERROR, default="raise",
                    help="a batch whose loss is NaN or Inf: stop naming the batch and its files, or skip it "
                         "(no step) and count it in log.csv (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -256,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None)
-    p.add_argument("--on-bad-data", choices=ON_FAULT, default="raise",
-                   help="a malformed CSV row or unreadable image: stop naming it, or skip: check every image up "
-                        "front, leave the bad ones out and count them (default: %(default)s)")
+    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP)
     p.add_argument("--quiet", action="store_true")
 
     p = command("predict", predict, "per-finding probabilities for image or DICOM files")

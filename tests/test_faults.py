@@ -224,13 +224,26 @@ def _calls(tree):
 
 
 def test_no_code_path_evaluates_strings_or_unpickles():
-    """Static check of the package sources: no eval/exec, no pickle or yaml loading, no shell, and every
-    torch.load with weights_only=True."""
+    """Static check of the package sources: no eval/exec, no pickle, marshal or yaml loading (by name,
+    imported name or alias), no shell, every torch.load with weights_only=True, no allow_pickle."""
     sources = [p for d in ("mxa_model", "mxa_kernels", "bench") for p in (ROOT / d).rglob("*.py")]
     assert len(sources) > 20
     found = []
+    unsafe_modules = ("pickle", "marshal", "yaml", "dill", "shelve")
     for path in sources:
-        for name, node in _calls(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in unsafe_modules:
+                found.append(f"{where} from {node.module} import ...")
+            if isinstance(node, ast.Import):
+                found += [f"{where} import {a.name} as {a.asname}" for a in node.names
+                          if a.name in unsafe_modules and a.asname not in (None, a.name)]
+            if isinstance(node, ast.Attribute) and node.attr in ("Unpickler", "load_module"):
+                found.append(f"{where} .{node.attr}")
+            if isinstance(node, ast.Attribute) and node.attr == "load" and getattr(node.value, "attr", "") == "serialization":
+                found.append(f"{where} torch.serialization.load")
+        for name, node in _calls(tree):
             keywords = {k.arg: k.value for k in node.keywords}
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
             if isinstance(node.func, ast.Name) and name in ("eval", "exec", "compile", "__import__"):
@@ -243,6 +256,7 @@ def test_no_code_path_evaluates_strings_or_unpickles():
             if name == "load" and getattr(getattr(node.func, "value", None), "id", "") == "torch" and not (
                     isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True):
                 found.append(f"{where} torch.load without weights_only=True")
-            if isinstance(keywords.get("shell"), ast.Constant) and keywords["shell"].value:
-                found.append(f"{where} shell=True")
+            for flag in ("shell", "allow_pickle"):
+                if isinstance(keywords.get(flag), ast.Constant) and keywords[flag].value:
+                    found.append(f"{where} {flag}=True")
     assert found == []

@@ -10,6 +10,8 @@ import mxa_model
 from mxa_kernels import mxa_branch_triton as fused
 from mxa_kernels import mxa_branch_ref
 
+from helpers import mxa_run
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (C, H, W) of the attention stages of EfficientViT-M0..M5 at 224 px
 STAGE_SHAPES = sorted({(64, 14, 14), (128, 14, 14), (192, 14, 14), (128, 7, 7), (144, 7, 7), (192, 7, 7),
@@ -46,19 +48,9 @@ def make_inputs(batch, channels, height, width, roi_mode, dtype=torch.float32, s
     return (x.to(dtype=dtype, **to), boxes.to(**to), [w.to(**to) for w in weights], grad.to(dtype=dtype, **to))
 
 
-def run(fn, x, boxes, weights, grad, roi_mode):
-    """Output and gradients (x, weights..., boxes in align mode) of ``fn``."""
-    x = x.detach().requires_grad_()
-    boxes = boxes.detach().requires_grad_(roi_mode == "align")
-    weights = [w.detach().requires_grad_() for w in weights]
-    out = fn(x, boxes, *weights, roi_mode)
-    inputs = [x, *weights] + ([boxes] if roi_mode == "align" else [])
-    return [out, *torch.autograd.grad(out, inputs, grad)]
-
-
 def reference(x, boxes, weights, grad, roi_mode):
     """The eager reference in float64."""
-    return run(mxa_branch_ref, x.double(), boxes.double(), [w.double() for w in weights], grad.double(), roi_mode)
+    return mxa_run(mxa_branch_ref, x.double(), boxes.double(), [w.double() for w in weights], grad.double(), roi_mode)
 
 
 def fused_op(x, boxes, w1, w2, ws, roi_mode):
@@ -78,12 +70,12 @@ NAMES = ["out", "grad x", "grad ca_reduce_weight", "grad ca_expand_weight", "gra
 def check(batch, channels, height, width, roi_mode, block_c=None, tol=(2e-6, 2e-5)):
     x, boxes, weights, grad = make_inputs(batch, channels, height, width, roi_mode)
     if block_c is None:
-        got = run(fused_op, x, boxes, weights, grad, roi_mode)
+        got = mxa_run(fused_op, x, boxes, weights, grad, roi_mode)
     else:
         def launch(x, boxes, w1, w2, ws, roi_mode):
             align = roi_mode == "align"
             return _WithConfig.apply(x, boxes, w1, w2, ws, align, block_c)
-        got = run(launch, x, boxes, weights, grad, roi_mode)
+        got = mxa_run(launch, x, boxes, weights, grad, roi_mode)
     want = reference(x, boxes, weights, grad, roi_mode)
     for name, g, w, t in zip(NAMES, got, want, (tol[0],) + (tol[1],) * 5):
         assert_close_rel(g, w, t, name)
@@ -132,7 +124,7 @@ def test_align_boxes_outside_empty_or_inverted():
     # (no sample position may fall exactly on a pixel, where the box gradient is one-sided)
     boxes = torch.tensor([[-0.2, 0.13, 0.5, 1.3], [0.33, 0.41, 0.33, 0.41], [0.8, 0.6, 0.2, 0.1]], device=DEVICE)
     x, _, weights, grad = make_inputs(3, 9, 7, 10, "align")
-    got = run(fused_op, x, boxes, weights, grad, "align")
+    got = mxa_run(fused_op, x, boxes, weights, grad, "align")
     want = reference(x, boxes, weights, grad, "align")
     for name, g, w in zip(NAMES, got, want):
         assert_close_rel(g, w, 2e-5, name)
@@ -160,9 +152,9 @@ def test_launch_configurations_are_the_shipped_ones():
 
 def test_channels_last_half_precision_equals_nchw():
     x, boxes, weights, grad = make_inputs(2, 24, 7, 9, "align", dtype=torch.float16)
-    nchw = run(fused_op, x, boxes, weights, grad, "align")
+    nchw = mxa_run(fused_op, x, boxes, weights, grad, "align")
     x_cl, grad_cl = (t.to(memory_format=torch.channels_last) for t in (x, grad))
-    channels_last = run(fused_op, x_cl, boxes, weights, grad_cl, "align")
+    channels_last = mxa_run(fused_op, x_cl, boxes, weights, grad_cl, "align")
     for name, a, b in zip(NAMES, channels_last, nchw):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -189,8 +181,8 @@ def test_low_precision(dtype, roi_mode, shape):
         pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; tested on a GPU")
     x, boxes, weights, grad = make_inputs(2, *shape, roi_mode, dtype=dtype)
     exact = reference(x, boxes, weights, grad, roi_mode)
-    got = run(fused_op, x, boxes, weights, grad, roi_mode)
-    eager_low = run(mxa_branch_ref, x, boxes, weights, grad, roi_mode)
+    got = mxa_run(fused_op, x, boxes, weights, grad, roi_mode)
+    eager_low = mxa_run(mxa_branch_ref, x, boxes, weights, grad, roi_mode)
     for name, g, e, w in zip(NAMES, got, eager_low, exact):
         assert g.dtype == e.dtype
         # flash-attention's rule: at most twice the error of the eager computation in that precision
@@ -214,8 +206,8 @@ def test_torch_compile_traces_through_without_graph_breaks():
     def compiled(x, boxes, w1, w2, ws, roi_mode):
         return fused_op(x, boxes, w1, w2, ws, roi_mode) * 2
 
-    got = run(compiled, x, boxes, weights, grad, "align")
-    want = run(lambda *a: fused_op(*a) * 2, x, boxes, weights, grad, "align")
+    got = mxa_run(compiled, x, boxes, weights, grad, "align")
+    want = mxa_run(lambda *a: fused_op(*a) * 2, x, boxes, weights, grad, "align")
     for name, g, w in zip(NAMES, got, want):
         torch.testing.assert_close(g, w, msg=name)
 

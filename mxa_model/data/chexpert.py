@@ -197,6 +197,13 @@ class Record:
     row: int
 
 
+def describe_skipped(skipped: Sequence[object]) -> str:
+    """One line for the rows and images a skip mode left out (their errors, or the errors' texts): how
+    many, and the first three."""
+    return (f"left out {len(skipped)} row(s) or image(s): " + "; ".join(str(e) for e in skipped[:3])
+            + (" ..." if len(skipped) > 3 else ""))
+
+
 class ReadResult(NamedTuple):
     """What :func:`read_csv` returns: the records, and the errors of the rows it skipped."""
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
+from ..data.chexpert import ON_ERROR, describe_skipped
 from ..metrics import auc_report, format_auc
 from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_from_checkpoint, rng_state,
@@ -37,9 +38,6 @@ EVAL_POLICY = "ignore"
 CLIP_MODES = ("norm", "agc", "value")
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
               "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
-
-
-ON_FAULT = ("raise", "skip")
 
 
 @dataclass
@@ -86,8 +84,8 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         for name in ("on_bad_data", "on_nonfinite"):
-            if getattr(self, name) not in ON_FAULT:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_FAULT)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in ON_ERROR:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_ERROR)}, got {getattr(self, name)!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
         for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):
@@ -109,7 +107,8 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 # settings a resumed run must share with the run that wrote the checkpoint (schedule, data, loss)
 RESUME_FIELDS = ("epochs", "img_size", "batch_size", "teacher", "distill_type", "alpha", "tau", "lr", "min_lr",
-                 "weight_decay", "warmup_epochs", "ema_decay", "seed", "policy", "augment", "max_steps_per_epoch")
+                 "weight_decay", "warmup_epochs", "ema_decay", "seed", "policy", "augment", "max_steps_per_epoch",
+                 "on_bad_data")
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -191,9 +190,6 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     say = print if ctx.main else (lambda *a, **k: None)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
-            stale.unlink()
-            say(f"removed {stale}, the partial checkpoint write of an earlier run that was killed")
     torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
     policy = UncertaintyPolicy.parse(cfg.policy)
     # --on-bad-data skip: every image is decoded once up front, so that a bad one is left out (and
@@ -206,8 +202,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                                 transform=eval_transform(cfg.img_size), seed=cfg.seed, **faults)
     for dataset in (train_set, valid_set):
         if dataset.skipped:
-            say(f"--on-bad-data skip: left out {len(dataset.skipped)} row(s) or image(s) of {dataset.csv_path}: "
-                + "; ".join(str(e) for e in dataset.skipped[:3]) + (" ..." if len(dataset.skipped) > 3 else ""))
+            say(f"--on-bad-data skip: {describe_skipped(dataset.skipped)} of {dataset.csv_path}")
     labels = list(train_set.labels)
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
@@ -240,14 +235,20 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     start_epoch, best, step = 0, -math.inf, 0
     last, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.csv"
     state = None
+    if cfg.resume and ctx.main:
+        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
+            stale.unlink(missing_ok=True)
+            say(f"removed {stale}, the partial checkpoint write of the run that was stopped")
     if cfg.resume and last.exists():
         state = load_checkpoint(last)
         if state["model_name"] != cfg.model or state["model_kwargs"] != kwargs:
             raise CheckpointError(f"{last} holds a {state['model_name']} {state['model_kwargs']} run, "
                                   f"not this {cfg.model} {kwargs} one: use another --output")
         saved = state["config"]
-        changed = [f"{k} {saved.get(k)} -> {json.loads(json.dumps(getattr(cfg, k), default=str))}"
-                   for k in RESUME_FIELDS if saved.get(k) != json.loads(json.dumps(getattr(cfg, k), default=str))]
+        # a setting that a checkpoint predates had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        wanted = {k: json.loads(json.dumps(getattr(cfg, k), default=str)) for k in RESUME_FIELDS}
+        changed = [f"{k} {saved.get(k, defaults[k])} -> {v}" for k, v in wanted.items() if saved.get(k, defaults[k]) != v]
         if changed:
             raise CheckpointError(f"--resume: {last} was written with other settings ({', '.join(changed)}); "
                                   "resume with the same ones, or use another --output")
@@ -289,7 +290,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         model.train()
         total, count, seen, skipped = 0.0, 0, 0, 0
         # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
-        buffers = list(model.buffers()) if cfg.on_nonfinite == "skip" else []
+        buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for b in m.buffers(recurse=False)] if cfg.on_nonfinite == "skip" else []
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.main))
         for batch_no, (images, targets, mask, index) in enumerate(bar):
             if batch_no >= steps_per_epoch:
@@ -309,14 +311,18 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                     loss = supervised_loss(outputs, targets, mask)
             loss_value = loss.item()  # the step's one host sync: the check and the progress figures
             if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank acts alike, none waits
-                where = _nonfinite_report(loss_value, images, index, train_set, epoch, batch_no)
+                # each process names its own share of the batch
+                if math.isfinite(loss_value):
+                    where = f"a non-finite loss in another process at epoch {epoch + 1}, batch {batch_no + 1}"
+                else:
+                    where = _nonfinite_report(loss_value, images, index, train_set, epoch, batch_no)
+                    where = f"process {ctx.rank}: {where}" if ctx.distributed else where
                 if cfg.on_nonfinite == "raise":
                     raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
                 skipped += 1
-                with torch.no_grad():
-                    for buffer, value in zip(buffers, saved):
-                        buffer.copy_(value)
-                say(f"\n--on-nonfinite skip: {where}: batch skipped")
+                torch._foreach_copy_(buffers, saved)
+                if not math.isfinite(loss_value):
+                    print(f"\n--on-nonfinite skip: {where}: batch skipped", flush=True)
                 continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -351,7 +357,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         save_error = None
         if ctx.main:
             # the log row first: a crash before the checkpoint lands leaves a row that resume drops
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / count if count else None,
                    "images_per_s": images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
                    "auc_competition": report["auc_competition"],
                    "ema_auc_macro": ema_report and ema_report["auc_macro"],
@@ -381,7 +387,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
                     if row[key] is not None:
                         writer.add_scalar(key, row[key], epoch + 1)
             shown = format_auc(report["auc_macro"]) + (f", EMA {format_auc(ema_report['auc_macro'])}" if ema_report else "")
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, {images_per_s:.1f} images/s, "
+            loss_shown = "none (every batch skipped)" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_shown}, {images_per_s:.1f} images/s, "
                 f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
         distributed.barrier(ctx)
         summary = {"output": str(out), "last": str(last), "best": str(best_path),
