@@ -395,17 +395,6 @@ MXA_BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("name,spoil,error,pattern", MXA_BAD)
-def test_mxa_branch_rejects_bad_arguments(name, spoil, error, pattern, backend):
-    args = dict(mxa_args(), roi_mode="crop")
-    args[name] = spoil(args[name])
-    roi_mode = args.pop("roi_mode")
-    with pytest.raises(error) as info:
-        mxa_kernels.mxa_branch(**args, roi_mode=roi_mode, backend=backend)
-    assert_clear_error(info, pattern)
-
-
 def test_mxa_branch_empty_batch_and_other_devices():
     args = mxa_args()
     args["x"], args["boxes"] = args["x"][:0], args["boxes"][:0]
@@ -453,16 +442,6 @@ WINDOW_BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("name,spoil,error,pattern", WINDOW_BAD)
-def test_window_attention_rejects_bad_arguments(name, spoil, error, pattern, backend):
-    args = window_args()
-    args[name] = spoil(args[name])
-    with pytest.raises(error) as info:
-        mxa_kernels.window_attention(**args, backend=backend)
-    assert_clear_error(info, pattern)
-
-
 def test_window_attention_empty_batch_and_other_devices():
     args = window_args()
     for name in ("q", "k", "v"):
@@ -502,13 +481,23 @@ CASCADED_BAD = [
 ]
 
 
+# each public op: (its valid arguments, the op, the spoiled arguments it must refuse)
+BAD_ARGUMENTS = {
+    "mxa_branch": (lambda: dict(mxa_args(), roi_mode="crop"), mxa_kernels.mxa_branch, MXA_BAD),
+    "window_attention": (window_args, mxa_kernels.window_attention, WINDOW_BAD),
+    "cascaded_attention_infer": (cascaded_args, mxa_kernels.cascaded_attention_infer, CASCADED_BAD),
+}
+
+
 @pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("name,spoil,error,pattern", CASCADED_BAD)
-def test_cascaded_attention_rejects_bad_arguments(name, spoil, error, pattern, backend):
-    args = cascaded_args()
+@pytest.mark.parametrize("op,name,spoil,error,pattern",
+                         [(op, *case) for op, (_, _, cases) in BAD_ARGUMENTS.items() for case in cases])
+def test_public_ops_reject_bad_arguments(op, name, spoil, error, pattern, backend):
+    make_args, fn, _ = BAD_ARGUMENTS[op]
+    args = make_args()
     args[name] = spoil(args[name])
-    with torch.no_grad(), pytest.raises(error) as info:
-        mxa_kernels.cascaded_attention_infer(**args, backend=backend)
+    with torch.no_grad(), pytest.raises(error) as info:  # no_grad: the cascade is inference only
+        fn(**args, backend=backend)
     assert_clear_error(info, pattern)
 
 
