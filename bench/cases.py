@@ -203,16 +203,18 @@ def build_window_attention(case: Case, device: torch.device, providers: tuple[st
 # --- block level --------------------------------------------------------------------------------
 
 def _module_calls(module: torch.nn.Module, runner: Callable, x: torch.Tensor) -> dict[str, Callable]:
-    """Training-mode forward+backward (gradient of the output's sum; returns the input's and the
+    """Training-mode forward+backward (a fixed random output gradient; returns the input's and the
     parameters' gradients) and eval-mode inference of ``module``, run through ``runner`` (the module
-    or its compiled form)."""
+    or its compiled form). Not the output's sum: through a closing BatchNorm in training mode its
+    weight's gradient is then zero, and two providers' rounding noise around zero differs entirely."""
     leaf = x.detach().requires_grad_()
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)  # output shape = input's
 
     def forward_backward():
         module.train()
         module.zero_grad(set_to_none=True)
         leaf.grad = None
-        runner(leaf).float().sum().backward()
+        runner(leaf).float().backward(grad_out)
         return [leaf.grad, *(p.grad for p in module.parameters() if p.grad is not None)]
 
     def inference():

@@ -3,10 +3,13 @@
 # benchmark suite (`mxa bench --suite full`) with its table, records, key ratios against the targets and
 # speed-up chart. Everything goes to $RESULTS (default bench/results/) named DATE_CARD_*, and to $OUT
 # when set. Runs from a checkout with the machine's own python3 (PYTHON=... to choose another) and no
-# install: the repository goes on PYTHONPATH. Time limits keep the whole run under 8 minutes: the tests
-# stop after TESTS_TIMEOUT seconds (120), the suite starts no case after BENCH_BUDGET seconds (270) and
-# then writes its outputs, and is killed after BENCH_TIMEOUT seconds (360); the suite's records are
-# appended to the .jsonl file as they are measured, so even a killed run keeps what it measured.
+# install: the repository goes on PYTHONPATH, and so do the wheels under bench/wheels/ (WHEELS_DIR) when
+# carried there (bench/gpu_wheels.sh downloads them: timm, which the GPU machine may lack or hold older).
+# First, in seconds, it prints the versions it runs with and stops with a one-line reason when something
+# is missing or too old (python -m mxa_bench.preflight). Time limits keep the whole run under 8 minutes:
+# the tests stop after TESTS_TIMEOUT seconds (120), the suite starts no case after BENCH_BUDGET seconds
+# (270) and then writes its outputs, and is killed after BENCH_TIMEOUT seconds (360); the suite's records
+# are appended to the .jsonl file as they are measured, so even a killed run keeps what it measured.
 #
 # Rehearsal on a machine without a GPU: ALLOW_CPU=1, with TESTS (pytest arguments) and BENCH_ARGS (extra
 # `mxa bench` arguments, e.g. "--batch 2 --providers eager") to keep it short; the kernels then run in
@@ -18,23 +21,28 @@ link=$(mktemp -d)
 trap 'rm -rf "$link"' EXIT
 ln -s "$PWD/bench" "$link/mxa_bench"  # the installed package name of bench/
 export PYTHONPATH="$PWD:$link${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null); then
-    :
-elif [ "${ALLOW_CPU:-0}" = 1 ]; then
-    card=cpu
-    export TRITON_INTERPRET=1
-else
-    echo "gpu_check.sh: no CUDA device here (ALLOW_CPU=1 rehearses the run on the CPU)" >&2
-    exit 1
+wheels=${WHEELS_DIR:-bench/wheels}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$link/site" "$wheels"/*.whl \
+        || { echo "gpu_check.sh: cannot install the carried wheels $wheels/*.whl" >&2; exit 1; }
+    export PYTHONPATH="$link/site:$PYTHONPATH"
 fi
+allow_cpu=()
+if [ "${ALLOW_CPU:-0}" = 1 ]; then
+    export TRITON_INTERPRET=1  # read by triton at import; without a CUDA device the kernels need it
+    allow_cpu=(--allow-cpu)
+fi
+"$py" -m mxa_bench.preflight "${allow_cpu[@]}" 2>&1 | tee "$link/versions.txt" || exit 1
+card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 results=${RESULTS:-bench/results}
 mkdir -p "$results"
 prefix="$results/$(date +%F)_${card}"
 status=0
+cp "$link/versions.txt" "${prefix}_tests.txt"  # the versions head the tests' output
 # -o addopts: the project's pytest options name pytest-benchmark, which this machine may lack
 # shellcheck disable=SC2086 - TESTS and BENCH_ARGS are word lists
 timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS:-tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
-    tests/test_window_attention.py tests/test_cascaded_attention.py} 2>&1 | tee "${prefix}_tests.txt" || status=1
+    tests/test_window_attention.py tests/test_cascaded_attention.py} 2>&1 | tee -a "${prefix}_tests.txt" || status=1
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-360}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
     --time-budget "${BENCH_BUDGET:-270}" \

@@ -4,7 +4,8 @@ Every record has ``case``, ``level``, ``provider``, ``mode``, ``shape``, ``dtype
 ``device``, ``commit`` (and ``torch``, ``date``, ``suite``), plus where they apply ``images_per_s``,
 ``peak_mem_mb`` (CUDA), ``gbs`` and ``fraction_of_copy`` (kernels: the least traffic the op must make
 over the time), ``tflops`` and ``fraction_of_matmul`` (FLOPs of the reference provider counted by
-``torch.utils.flop_counter``), ``speedup`` over the case's reference provider, ``rel_err`` of the
+``torch.utils.flop_counter``), ``aten_ops`` (the operations one call dispatches; not counted for
+compiled or interpreted providers), ``speedup`` over the case's reference provider, ``rel_err`` of the
 output against the reference's, ``interpreted`` (Triton interpreter: not a performance figure), and
 ``error`` or ``skipped`` with the reason instead of a time.
 """
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import timing
-from .cases import OTHER_MODELS, PROVIDERS, Case
+from .cases import COMPILE_MODES, OTHER_MODELS, PROVIDERS, Case
 from .suites import KEY_RATIOS, SUITES, KeyRatio
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -35,7 +37,6 @@ RESULTS_DIR = Path(__file__).parent / "results"
 REL_ERR_LIMIT = {"outputs": {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2},
                  "gradients": {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.25}}
 GRADIENT_MODES = ("forward+backward", "train")
-BASELINES_DIR = Path(__file__).parent / "baselines"
 
 
 class BenchError(ValueError):
@@ -80,11 +81,24 @@ def _rel_err(got, want) -> float | None:
     return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def _count_flops(fn: Callable[[], object]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
+class _OpCounter(TorchDispatchMode):
+    """Counts the operations that reach the dispatcher, the backward's included."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_work(fn: Callable[[], object]) -> tuple[int, int]:
+    """FLOPs (``torch.utils.flop_counter``) and dispatched operations of one call of ``fn``."""
+    flops, ops = FlopCounterMode(display=False), _OpCounter()
+    with flops, ops:
         fn()
-    return counter.get_total_flops()
+    return flops.get_total_flops(), ops.count
 
 
 def _guarded(errors: dict, key, device: torch.device, fn: Callable[[], object]):
@@ -156,8 +170,9 @@ def run_case(case: Case, device: torch.device, common: dict, ceilings: dict,
         interpreted = {p for p in calls if p == "triton" and device.type != "cuda"}
         seconds = _seconds(calls, interpreted, repeats or case.repeats, device, errors, mode)
         reference = next((p for p in case.providers if p in seconds), None)
-        flops = {p: _guarded(errors, (p, mode), device, lambda fn=fn: _count_flops(fn))
-                 for p, fn in calls.items() if p in seconds and (p == reference or p in OTHER_MODELS)}
+        # counted in one more call, outside the timing; compiled code is not dispatched op by op
+        work_done = {p: _guarded(errors, (p, mode), device, lambda fn=fn: _count_work(fn)) for p, fn in calls.items()
+                     if p in seconds and p not in interpreted and p not in COMPILE_MODES}
         kind = "gradients" if mode in GRADIENT_MODES else "outputs"
         for provider in work.calls:
             if mode not in work.calls[provider]:
@@ -174,13 +189,15 @@ def run_case(case: Case, device: torch.device, common: dict, ceilings: dict,
                           interpreted=provider in interpreted)
             if rel_err is not None:
                 record["mismatch"] = rel_err > REL_ERR_LIMIT[kind][case.dtype]
+            if work_done.get(provider):
+                record["aten_ops"] = work_done[provider][1]
             if case.level == "model":
                 record["images_per_s"] = case.batch / t
             if mode in work.bytes_moved:
                 record["gbs"] = work.bytes_moved[mode] / t / 1e9
                 record["fraction_of_copy"] = record["gbs"] / ceilings["copy_gbs"]
             # the work is the reference's computation (another model counts its own)
-            count = flops.get(provider if provider in OTHER_MODELS else reference)
+            count = (work_done.get(provider if provider in OTHER_MODELS else reference) or (0,))[0]
             if count:
                 record["tflops"] = count / t / 1e12
                 record["fraction_of_matmul"] = record["tflops"] / ceilings["matmul_tflops"][case.dtype]
@@ -206,36 +223,43 @@ def format_record(r: dict) -> str:
     return (f"{head} {r['median_ms']:10.3f} ms {r['speedup']:6.2f}x "
             f"{_cell(r.get('images_per_s'), '9.1f') + ' img/s' if r.get('images_per_s') else ' ' * 15} {rate:<32}"
             f" mem {_cell(r.get('peak_mem_mb'), '.0f'):>6} MB  err {_cell(r.get('rel_err'), '.1e'):>7}"
+            f"  ops {_cell(r.get('aten_ops'), 'd'):>6}"
             f"{' MISMATCH' if r.get('mismatch') else ''}"
             f"{'  (interpreter: not a speed)' if r.get('interpreted') else ''}")
 
 
 TABLE_HEADER = (f"{'level':>6} {'case':<22} {'shape':<16} {'dtype':<8} {'mode':<16} {'provider':<27} {'median':>13} "
-                f"{'vs ref':>7} {'':<15} {'achieved (fraction of ceiling)':<32} peak memory, rel. error vs ref")
+                f"{'vs ref':>7} {'':<15} {'achieved (fraction of ceiling)':<32} peak memory, rel. error vs ref, "
+                "operations dispatched")
 
 
 def key_ratios(records: list[dict], suite: str) -> dict[str, float]:
-    """The suite's key ratios found in ``records``, both times from one (case, shape, dtype, mode) and,
+    """The suite's key ratios found in ``records``, both figures from one (case, shape, dtype, mode) and,
     when records of several runs or shapes are given, from the last such group holding both providers."""
     found = {}
     for ratio in KEY_RATIOS.get(suite, ()):
         groups: dict[tuple, dict[str, float]] = {}
         for r in records:
-            if r["case"] == ratio.case and r["mode"] == ratio.mode and r.get("median_ms"):
+            if r["case"] == ratio.case and r["mode"] == ratio.mode and r.get(ratio.quantity):
                 key = (tuple(r["shape"]), r["dtype"])
                 group = groups.get(key)
                 if group is None or r["provider"] in group:  # a later run of this group starts anew, last
                     groups.pop(key, None)
                     group = groups[key] = {}
-                group[r["provider"]] = r["median_ms"]
+                group[r["provider"]] = r[ratio.quantity]
         complete = [g for g in groups.values() if ratio.numerator in g and ratio.denominator in g]
         if complete:
             found[ratio.name] = complete[-1][ratio.numerator] / complete[-1][ratio.denominator]
     return found
 
 
+def _within(value: float, limit: float, ratio: KeyRatio) -> bool:
+    return value >= limit if ratio.higher_is_better else value <= limit
+
+
 def check_ratios(ratios: dict[str, float], suite: str, baseline: dict | None) -> list[str]:
-    """Print each key ratio against its baseline (within its tolerance) or target; return the failures."""
+    """Print each key ratio against its limit (every run), its baseline (within its tolerance; when one
+    is given) and its target (reported only); return the failures."""
     failures = []
     definitions: dict[str, KeyRatio] = {r.name: r for r in KEY_RATIOS.get(suite, ())}
     expected = (baseline or {}).get("ratios", {})
@@ -246,14 +270,19 @@ def check_ratios(ratios: dict[str, float], suite: str, baseline: dict | None) ->
         ratio = definitions[name]
         better = "higher" if ratio.higher_is_better else "lower"
         line = f"  {name} = {value:.3f} ({ratio.meaning}; {better} is better)"
+        if ratio.limit is not None:
+            ok = _within(value, ratio.limit, ratio)
+            line += f"; limit {ratio.limit:g}: {'ok' if ok else 'REGRESSION'}"
+            if not ok:
+                failures.append(f"{name} = {value:.3f} is past its limit {ratio.limit:g} (set for any machine)")
         if name in expected:
             ref, tol = expected[name]["value"], expected[name]["tolerance"]
             limit = ref * (1 - tol) if ratio.higher_is_better else ref * (1 + tol)
-            ok = value >= limit if ratio.higher_is_better else value <= limit
-            line += f"; baseline {ref:.3f}, limit {limit:.3f}: {'ok' if ok else 'REGRESSION'}"
+            ok = _within(value, limit, ratio)
+            line += f"; baseline {ref:.3f} within {tol:.0%} ({limit:.3f}): {'ok' if ok else 'REGRESSION'}"
             if not ok:
-                failures.append(f"{name} = {value:.3f} is past its limit {limit:.3f} (baseline {ref:.3f}, "
-                                f"tolerance {tol:.0%})")
+                failures.append(f"{name} = {value:.3f} is past {limit:.3f}, this machine's baseline {ref:.3f} "
+                                f"within {tol:.0%}")
         if ratio.target is not None:
             line += f"; target {ratio.target}: {'met' if value >= ratio.target else 'NOT met'}"
         print(line)
@@ -295,7 +324,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")
     parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
-    parser.add_argument("--baseline", metavar="FILE", help="compare the key ratios with FILE; exit 1 on a regression")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="also compare the key ratios with FILE, a baseline written on this machine by "
+                             "--write-baseline; exit 1 on a regression")
     parser.add_argument("--write-baseline", metavar="FILE", help="write this run's key ratios to FILE as a baseline")
     parser.add_argument("--tolerance", type=float, default=0.3,
                         help="relative tolerance written by --write-baseline (default: %(default)s)")

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataFormatError, ImageReadError
+    # the data package's errors (DataFormatError, ImageReadError) are ValueErrors and OSErrors
     from .train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, FloatingPointError, CheckpointError, DataFormatError, ImageReadError,
+    except (ValueError, TypeError, OSError, FloatingPointError, CheckpointError,
             mxa_kernels.BackendUnavailableError) as exc:
         # one line: an error raised in a data-loader worker arrives with the worker's traceback before it
         lines = [line for line in str(exc).splitlines() if line.strip()]

@@ -6,75 +6,167 @@ import json
 import os
 import subprocess
 import sys
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 
 import mxa_kernels
-from mxa_bench import runner
+from mxa_bench import preflight, runner
 from mxa_bench.cases import Case, Workload, authors_mxa_branch, sdpa_window_attention
 from mxa_bench.suites import FULL, KEY_RATIOS, SMOKE
 from mxa_model import cli
+from mxa_model.efficientvit import MXAEfficientVit
 from mxa_model.window_attention import FusedLocalWindowAttention
 
-BASELINE = Path(runner.BASELINES_DIR) / "smoke-cpu.json"
 REQUIRED = {"case", "provider", "mode", "shape", "dtype", "median_ms", "device", "commit"}
+SMOKE_RATIOS = {r.name: r for r in KEY_RATIOS["smoke"]}
 
 
-def test_smoke_suite_meets_the_committed_baseline(tmp_path, capsys):
+def _gate(argv: list[str], capsys) -> tuple[int, str]:
+    """``mxa bench ARGV`` (smoke suite, nothing saved): its exit code and what it printed."""
+    code = cli.main(["bench", "--suite", "smoke", "--no-save", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_smoke_suite_passes_its_limits(tmp_path, capsys):
     """The CI gate: the smoke suite runs every provider it names (Triton through the interpreter) and
-    its key ratios, measured side by side, stay within the baseline's tolerance."""
+    its key ratios stay within the limits that hold on any machine (no baseline)."""
     out, chart = tmp_path / "smoke.json", tmp_path / "speedups.png"
-    code = cli.main(["bench", "--suite", "smoke", "--json", str(out), "--no-save", "--baseline", str(BASELINE),
-                     "--chart", str(chart)])
-    printed = capsys.readouterr().out
+    code, printed = _gate(["--json", str(out), "--chart", str(chart)], capsys)
     assert code == 0, printed
     records = json.loads(out.read_text())
     assert all(REQUIRED <= set(r) for r in records)
     timed = [r for r in records if r["median_ms"] is not None]
     assert {(c.name, p) for c in SMOKE for p in c.providers} == {(r["case"], r["provider"]) for r in timed}
     fused = [r for r in timed if r["provider"] == "triton"]
-    assert fused and all(r["interpreted"] for r in fused)  # flagged: not a performance figure
+    assert fused and all(r["interpreted"] and "aten_ops" not in r for r in fused)  # flagged: not a performance figure
+    assert all(r["aten_ops"] > 0 for r in timed if r["provider"] != "triton")
     compared = [r for r in timed if r["rel_err"] is not None]
     assert compared and all(r["rel_err"] < 1e-5 for r in compared), [(r["case"], r["rel_err"]) for r in compared]
-    for ratio in KEY_RATIOS["smoke"]:
-        assert f"{ratio.name} = " in printed
+    for name, ratio in SMOKE_RATIOS.items():
+        assert f"{name} = " in printed and f"limit {ratio.limit:g}: ok" in printed
     assert chart.stat().st_size > 10_000
 
 
+def test_the_gate_fails_when_the_crop_loops_over_the_batch_again(monkeypatch, capsys):
+    """A real regression: the vectorized crop replaced by the authors' per-sample loop. The operation
+    count then equals the loop's, whatever the processor. (The time ratio, the same code timed twice,
+    measured 0.87-1.04 against its limit 1.2 here; noise could carry it past, so it is not asserted.)"""
+    monkeypatch.setattr(sys.modules["mxa_kernels.mxa_branch_ref"], "roi_resample", lambda x, boxes, roi_mode: mxa_kernels.crop_resize_loop(x, boxes))
+    code, printed = _gate(["--cases", "mxa_branch_crop", "--repeats", "9"], capsys)
+    assert code == 1
+    assert "mxa_branch_loop_over_vectorized_ops = 1.000" in printed
+    assert "regression: mxa_branch_loop_over_vectorized_ops" in printed
+
+
+def test_the_gate_fails_on_a_twice_slower_mxa_model(monkeypatch, capsys):
+    """A real regression: the MXA model doing its work twice (same output) in training and inference."""
+    features = MXAEfficientVit.forward_features
+    monkeypatch.setattr(MXAEfficientVit, "forward_features", lambda self, x: (features(self, x) + features(self, x)) / 2)
+    code, printed = _gate(["--cases", "efficientvit_m5", "--repeats", "5"], capsys)
+    assert code == 1
+    for name in ("mxa_m5_over_plain_train", "mxa_m5_over_plain_inference", "mxa_m5_over_plain_train_ops"):
+        assert f"regression: {name} = " in printed
+
+
 def _records(ratios: dict[str, float]) -> list[dict]:
-    """Records of the smoke suite's key-ratio cases whose ratios are ``ratios``."""
-    records = []
-    for ratio in KEY_RATIOS["smoke"]:
+    """Records of the smoke suite's key-ratio cases whose key ratios are ``ratios``."""
+    records: dict[tuple, dict] = {}
+    for name, value in ratios.items():
+        ratio = SMOKE_RATIOS[name]
         base = dict(case=ratio.case, mode=ratio.mode, shape=[1], dtype="float32", level="x", device="cpu",
-                    commit="c", suite="smoke")
-        records += [dict(base, provider=ratio.denominator, median_ms=10.0),
-                    dict(base, provider=ratio.numerator, median_ms=10.0 * ratios[ratio.name])]
-    return records
+                    commit="c", suite="smoke", median_ms=10.0)
+        for provider, figure in ((ratio.denominator, 10.0), (ratio.numerator, 10.0 * value)):
+            records.setdefault((ratio.case, ratio.mode, provider), dict(base, provider=provider))[ratio.quantity] = figure
+    return list(records.values())
 
 
-@pytest.mark.parametrize("which", range(len(KEY_RATIOS["smoke"])))
-def test_a_regressed_ratio_fails_the_check(tmp_path, capsys, which):
-    baseline = runner.read_baseline(BASELINE)["ratios"]
-    good = {name: entry["value"] for name, entry in baseline.items()}
-    bad = dict(good)
-    name = KEY_RATIOS["smoke"][which].name
-    ratio = KEY_RATIOS["smoke"][which]
-    # just past the limit, in the direction that is worse
-    tol = baseline[name]["tolerance"]
-    bad[name] = good[name] * ((1 - tol) * 0.98 if ratio.higher_is_better else (1 + tol) * 1.02)
-    for ratios, expected in ((good, 0), (bad, 1)):
-        path = tmp_path / "records.json"
-        path.write_text(json.dumps(_records(ratios)))
-        assert cli.main(["bench", "--from-json", str(path), "--baseline", str(BASELINE)]) == expected
-    assert f"regression: {name}" in capsys.readouterr().out
+def _check(tmp_path, ratios: dict[str, float], *argv: str) -> int:
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(_records(ratios)))
+    return cli.main(["bench", "--from-json", str(path), *argv])
+
+
+def _worse(ratio, value: float, factor: float) -> float:
+    """``value`` moved by ``factor`` in the direction that is worse for ``ratio``."""
+    return value / factor if ratio.higher_is_better else value * factor
+
+
+@pytest.mark.parametrize("name", SMOKE_RATIOS)
+def test_a_ratio_past_its_limit_fails_the_check(tmp_path, capsys, name):
+    ratio = SMOKE_RATIOS[name]
+    at_limits = {n: r.limit for n, r in SMOKE_RATIOS.items()}
+    assert _check(tmp_path, at_limits) == 0
+    assert _check(tmp_path, dict(at_limits, **{name: _worse(ratio, ratio.limit, 1.02)})) == 1
+    assert f"regression: {name} = " in capsys.readouterr().out
+
+
+# The share of each provider's time in BLAS products (aten bmm/mm/addmm/baddbmm), by torch.profiler on
+# the 2-core AMD EPYC development machine with MKL: the vectorized crop's batched products are a fifth
+# of its time, the loop has none, and the models spend a few per cent there.
+BLAS_SHARE = {("mxa_branch_crop", "eager"): 0.207, ("mxa_branch_crop", "per-sample loop"): 0.0,
+              ("efficientvit_m5", "eager", "train"): 0.025, ("efficientvit_m5", "timm plain", "train"): 0.018,
+              ("efficientvit_m5", "eager", "inference"): 0.035, ("efficientvit_m5", "timm plain", "inference"): 0.021}
+# The slowest of seven runs of the current code on another 2-core AMD EPYC with MKL (quoted in the
+# issue that asked for portable limits; operation counts were not recorded then).
+EPYC_SLOWEST = {"mxa_branch_loop_over_vectorized": 1.60, "mxa_m5_over_plain_train": 1.19,
+                "mxa_m5_over_plain_inference": 1.34}
+
+
+def _blas_twice_as_slow(ratios: dict[str, float]) -> dict[str, float]:
+    """``ratios`` on a machine whose BLAS products take twice as long: each time grows by its BLAS share."""
+    def share(ratio, provider):
+        return BLAS_SHARE.get((ratio.case, provider, ratio.mode), BLAS_SHARE.get((ratio.case, provider)))
+
+    return {name: value * (1 + share(SMOKE_RATIOS[name], SMOKE_RATIOS[name].numerator))
+            / (1 + share(SMOKE_RATIOS[name], SMOKE_RATIOS[name].denominator)) for name, value in ratios.items()}
+
+
+@pytest.mark.parametrize("machine", ["x86-64 2026-11-27", "EPYC slowest", "EPYC, BLAS twice as slow"])
+def test_the_limits_hold_on_other_processors(tmp_path, capsys, machine):
+    """The current code's figures from other CPUs, and one with a BLAS twice as slow, pass the limits."""
+    if machine == "x86-64 2026-11-27":  # the run committed under results/, on the machine of the old baseline
+        ratios = runner.key_ratios(json.loads((Path(runner.RESULTS_DIR) / "2026-11-27_cpu_smoke.json").read_text()),
+                                   "smoke")
+        assert set(ratios) == set(EPYC_SLOWEST)
+    else:
+        ratios = EPYC_SLOWEST if machine == "EPYC slowest" else _blas_twice_as_slow(EPYC_SLOWEST)
+    assert _check(tmp_path, ratios) == 0, capsys.readouterr().out
+
+
+def test_a_baseline_from_another_machine_fails_here(tmp_path, capsys):
+    """Why a tight baseline is an explicit check and not the gate: the baseline the gate used until now
+    (medians of four runs at commit 9dcae84, tolerance 35 %) fails the slowest EPYC run of the same code."""
+    old_machine = {"mxa_branch_loop_over_vectorized": 3.16, "mxa_m5_over_plain_train": 1.16,
+                   "mxa_m5_over_plain_inference": 1.28}
+    baseline = tmp_path / "old-machine.json"
+    assert _check(tmp_path, old_machine, "--write-baseline", str(baseline), "--tolerance", "0.35") == 0
+    assert _check(tmp_path, EPYC_SLOWEST) == 0
+    assert _check(tmp_path, EPYC_SLOWEST, "--baseline", str(baseline)) == 1
+    printed = capsys.readouterr().out
+    assert "regression: mxa_branch_loop_over_vectorized = 1.600 is past 2.054, this machine's baseline" in printed
+
+
+def test_a_machine_baseline_catches_a_smaller_regression_than_the_limits(tmp_path, capsys):
+    """``--baseline``: a run 20 % worse than this machine's baseline fails, though within the limits."""
+    here = {"mxa_branch_loop_over_vectorized": 2.0, "mxa_m5_over_plain_train": 1.15, "mxa_m5_over_plain_inference": 1.3,
+            "mxa_branch_loop_over_vectorized_ops": 8.0, "mxa_m5_over_plain_train_ops": 1.2}
+    baseline = tmp_path / "baseline.json"
+    assert _check(tmp_path, here, "--write-baseline", str(baseline), "--tolerance", "0.15") == 0
+    assert _check(tmp_path, here, "--baseline", str(baseline)) == 0
+    slower = dict(here, mxa_m5_over_plain_train=1.15 * 1.2)
+    assert _check(tmp_path, slower) == 0
+    assert _check(tmp_path, slower, "--baseline", str(baseline)) == 1
+    assert "regression: mxa_m5_over_plain_train = 1.380 is past 1.32" in capsys.readouterr().out
 
 
 def test_key_ratios_take_the_last_complete_run(tmp_path):
     """An appended history holds several runs: each ratio comes from one run, the last."""
-    first = _records({r.name: 1.0 for r in KEY_RATIOS["smoke"]})
-    second = _records({r.name: 2.0 for r in KEY_RATIOS["smoke"]})
+    first = _records({name: 1.0 for name in SMOKE_RATIOS})
+    second = _records({name: 2.0 for name in SMOKE_RATIOS})
     assert set(runner.key_ratios(first + second, "smoke").values()) == {2.0}
     assert set(runner.key_ratios(second + first, "smoke").values()) == {1.0}
 
@@ -88,22 +180,22 @@ def test_time_budget_stops_starting_cases(tmp_path, capsys):
 
 
 def test_a_ratio_missing_from_the_run_fails_the_check(tmp_path, capsys):
-    records = [r for r in _records({r.name: 1.0 for r in KEY_RATIOS["smoke"]}) if r["case"] != "mxa_branch_crop"]
+    ratios = {name: ratio.limit for name, ratio in SMOKE_RATIOS.items()}
+    baseline = tmp_path / "baseline.json"
+    assert _check(tmp_path, ratios, "--write-baseline", str(baseline)) == 0
+    records = [r for r in _records(ratios) if r["case"] != "mxa_branch_crop"]
     path = tmp_path / "records.json"
     path.write_text(json.dumps(records))
-    assert cli.main(["bench", "--from-json", str(path), "--baseline", str(BASELINE)]) == 1
+    assert cli.main(["bench", "--from-json", str(path), "--baseline", str(baseline)]) == 1
     assert "mxa_branch_loop_over_vectorized: not measured" in capsys.readouterr().out
 
 
 def test_write_baseline_round_trips(tmp_path):
-    path = tmp_path / "records.json"
-    ratios = {r.name: 1.5 for r in KEY_RATIOS["smoke"]}
-    path.write_text(json.dumps(_records(ratios)))
+    ratios = {name: ratio.limit for name, ratio in SMOKE_RATIOS.items()}
     written = tmp_path / "baseline.json"
-    assert cli.main(["bench", "--from-json", str(path), "--write-baseline", str(written), "--tolerance", "0.2"]) == 0
-    data = runner.read_baseline(written)
-    assert data["ratios"] == {name: {"value": 1.5, "tolerance": 0.2} for name in ratios}
-    assert cli.main(["bench", "--from-json", str(path), "--baseline", str(written)]) == 0
+    assert _check(tmp_path, ratios, "--write-baseline", str(written), "--tolerance", "0.2") == 0
+    assert runner.read_baseline(written)["ratios"] == {name: {"value": v, "tolerance": 0.2} for name, v in ratios.items()}
+    assert _check(tmp_path, ratios, "--baseline", str(written)) == 0
 
 
 def test_full_suite_builds_and_runs_at_batch_2(tmp_path):
@@ -209,6 +301,7 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, ALLOW_CPU="1", PYTHON=sys.executable, RESULTS=str(tmp_path / "results"), OUT=str(out),
+               WHEELS_DIR=str(tmp_path / "no-wheels"),
                TESTS="tests/test_bench.py::test_list_shows_the_cases",
                BENCH_ARGS="--batch 2 --repeats 1 --cases window_attention --providers eager,sdpa")
     script = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
@@ -222,3 +315,35 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     assert {r["provider"] for r in records} == {"eager", "sdpa"} and len(records) == expected
     history = next(out.glob("*_full.jsonl")).read_text().splitlines()
     assert [json.loads(line) for line in history] == records
+
+
+def test_gpu_script_stops_in_seconds_when_a_requirement_is_missing(tmp_path):
+    """A GPU lease is never spent on an import error: with an old timm first on the path, the script
+    prints the versions and stops with one line before any test or benchmark."""
+    fake = tmp_path / "site"
+    (fake / "timm").mkdir(parents=True)
+    (fake / "timm" / "__init__.py").write_text("raise ImportError('this timm is a stand-in')\n")
+    (fake / "timm-0.9.0.dist-info").mkdir()
+    (fake / "timm-0.9.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: timm\nVersion: 0.9.0\n")
+    env = dict(os.environ, ALLOW_CPU="1", PYTHON=sys.executable, RESULTS=str(tmp_path / "results"),
+               PYTHONPATH=str(fake), WHEELS_DIR=str(tmp_path / "no-wheels"))
+    script = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    assert f"torch {version('torch')} (needs >=2.4)" in done.stdout and "timm 0.9.0 (needs >=1.0.31)" in done.stdout
+    stop = done.stdout.strip().splitlines()[-1]  # the preflight's output goes to the results too, so to stdout
+    assert stop.startswith("gpu_check.sh: cannot run: timm 0.9.0 is installed, the project needs timm>=1.0.31")
+    assert "import mxa_model failed: ImportError: this timm is a stand-in" in stop and "bench/gpu_wheels.sh" in stop
+    assert not (tmp_path / "results").exists()
+
+
+def test_preflight_knows_triton_3_6_interpreter_needs_numpy_before_2_4(monkeypatch):
+    versions = {"triton": "3.6.0", "numpy": "2.5.1"}
+    monkeypatch.setattr(preflight.importlib.metadata, "version", versions.get)
+    assert preflight._interpreter_problems() == [
+        "Triton 3.6.0's interpreter cannot run with NumPy 2.5.1: rehearse with numpy<2.4"]
+    versions.update(numpy="2.3.5")
+    assert preflight._interpreter_problems() == []
+    versions.update(triton="3.8.0", numpy="2.5.1")
+    assert preflight._interpreter_problems() == []

@@ -100,3 +100,13 @@ def test_installed_console_script():
     script = Path(sys.executable).parent / "mxa"
     result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--teacher" in result.stdout
+
+
+def test_commands_that_read_no_images_run_without_pydicom():
+    """The GPU machine has no pydicom: `mxa bench` and `mxa backends` must not need it (reading DICOM does)."""
+    code = ("import sys; sys.modules['pydicom'] = None\n"  # makes `import pydicom` fail
+            "from mxa_model import cli\n"
+            "sys.exit(cli.main(['bench', '--suite', 'full', '--list']) or cli.main(['backends']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "efficientvit_m5" in result.stdout and "eager" in result.stdout

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 from PIL import Image
 
@@ -83,6 +82,8 @@ def _dicom_pixels(path: Path) -> np.ndarray:
     Intercept) is linear, so after that normalization only its sign remains: a negative slope
     inverts. MONOCHROME1 (white = 0) is inverted so that dense tissue is bright, as in MONOCHROME2.
     """
+    import pydicom  # here, not at the top: the commands that read no images (bench, backends) run without it
+
     ds = pydicom.dcmread(path)  # not force=True: that would parse any bytes as some data set
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file has no pixel data")
