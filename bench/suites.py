@@ -99,7 +99,7 @@ class KeyRatio:
 
 
 # The smoke suite's limits and what they were checked against (bench/README.md has the table): on two
-# 2-core AMD EPYC machines with MKL the time ratios measured 1.60-3.44, 1.09-1.28 and 1.26-1.39, the
+# 2-core AMD EPYC machines with MKL the time ratios measured 1.60-3.44, 1.07-1.28 and 1.26-1.39, the
 # counts 8.07 and 1.234; a BLAS twice as slow at batched products would take a sixth off the first.
 # The per-sample loop put back in the crop makes the crop's ratios 0.87-1.04 and 1.0; an MXA model
 # doing its work twice makes the model's about 2.
