@@ -21,10 +21,11 @@ link=$(mktemp -d)
 trap 'rm -rf "$link"' EXIT
 ln -s "$PWD/bench" "$link/mxa_bench"  # the installed package name of bench/
 export PYTHONPATH="$PWD:$link${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-wheels=${WHEELS_DIR:-bench/wheels}
+wheels=${WHEELS_DIR:-bench/wheels}  # relative paths (WHEELS_DIR, RESULTS) are the checkout's
 if compgen -G "$wheels/*.whl" >/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$link/site" "$wheels"/*.whl \
-        || { echo "gpu_check.sh: cannot install the carried wheels $wheels/*.whl" >&2; exit 1; }
+    for wheel in "$wheels"/*.whl; do  # pure-Python wheels: unpacked, no pip needed
+        "$py" -m zipfile -e "$wheel" "$link/site" || { echo "gpu_check.sh: cannot unpack $wheel" >&2; exit 1; }
+    done
     export PYTHONPATH="$link/site:$PYTHONPATH"
 fi
 allow_cpu=()
@@ -32,7 +33,10 @@ if [ "${ALLOW_CPU:-0}" = 1 ]; then
     export TRITON_INTERPRET=1  # read by triton at import; without a CUDA device the kernels need it
     allow_cpu=(--allow-cpu)
 fi
-"$py" -m mxa_bench.preflight "${allow_cpu[@]}" 2>&1 | tee "$link/versions.txt" || exit 1
+if ! "$py" -m mxa_bench.preflight ${allow_cpu[@]+"${allow_cpu[@]}"} 2>&1 | tee "$link/versions.txt"; then
+    if [ -n "${OUT:-}" ]; then cp "$link/versions.txt" "$OUT/preflight.txt"; fi
+    exit 1
+fi
 card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 results=${RESULTS:-bench/results}
 mkdir -p "$results"

@@ -2,7 +2,7 @@
 # Downloads, on a machine with the package registry, the wheels that bench/gpu_check.sh installs on the GPU
 # machine, whose software is fixed and offline (Python 3.12, torch, triton, numpy, matplotlib, pytest and
 # scikit-learn there; timm of unknown version): timm at the version this project is tested with. They go
-# to bench/wheels/ (git-ignored, about 2.5 MB); carry that folder with the checkout (`carry: ["bench/wheels"]`).
+# to bench/wheels/ (git-ignored, 2.8 MB); carry that folder with the checkout (`carry: ["bench/wheels"]`).
 # WHEELS=... names other requirements (space-separated pip specifiers, each a pure-Python wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 # what the GPU run imports: the kernels' tests, the benchmark suite and its chart
-NEEDED = ("torch", "triton", "timm", "numpy", "matplotlib", "pytest")
+NEEDED = ("torch", "torchvision", "triton", "timm", "numpy", "matplotlib", "pytest")
 GPU_WHEELS = ("timm",)  # what bench/gpu_wheels.sh brings
 PROJECT_MODULES = ("mxa_kernels", "mxa_model", "mxa_model.cli", "mxa_bench.runner", "mxa_bench.chart")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -49,7 +49,11 @@ def problems(allow_cpu: bool) -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} is not installed (needs {spec or 'any version'})")
             continue
-        where = Path(importlib.util.find_spec(name).origin).parent.parent
+        try:
+            where = Path(importlib.util.find_spec(name).origin).parent.parent
+        except (AttributeError, TypeError, ImportError, ValueError):  # metadata left without its package
+            found.append(f"{name} {version} has installed metadata but cannot be imported")
+            continue
         print(f"{name} {version} (needs {spec or 'any version'}) from {where}")
         if spec and not spec.contains(version, prereleases=True):
             found.append(f"{name} {version} is installed, the project needs {name}{spec}")

@@ -82,9 +82,9 @@ class KeyRatio:
     """One provider's figure over another's in the same case and mode, from one run. ``quantity`` is the
     record field compared: ``median_ms`` (time, measured side by side) or ``aten_ops`` (the operations
     one call dispatches: a count, the same on every processor). ``higher_is_better`` says which way a
-    regression goes. ``limit`` is a bound that holds on any machine meeting the README's requirements
-    and that only a real regression crosses: every run checks it. ``target`` is the issue's target,
-    reported as met or not."""
+    regression goes. ``limit`` is a bound set to hold across processors (a count does not depend on
+    one; a time keeps a wide margin) that only a real regression crosses: every run at the suite's
+    shapes checks it. ``target`` is the issue's target, reported as met or not."""
 
     name: str
     case: str

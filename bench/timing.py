@@ -80,6 +80,17 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds / 1e12
 
 
+def _cpu_model() -> str:
+    """The processor's model name (Linux), else its architecture: CPU time ratios depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, object]:
     """Where and what was measured: commit, device name, versions, date."""
     try:
@@ -90,5 +101,5 @@ def environment(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
     return {"commit": commit, "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
