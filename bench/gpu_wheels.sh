@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Downloads, on a machine with the package registry, the wheels that bench/gpu_check.sh installs on the GPU
+# Downloads, on a machine with the package registry, the wheels that bench/gpu_check.sh unpacks on the GPU
 # machine, whose software is fixed and offline (Python 3.12, torch, triton, numpy, matplotlib, pytest and
 # scikit-learn there; timm of unknown version): timm at the version this project is tested with. They go
 # to bench/wheels/ (git-ignored, 2.8 MB); carry that folder with the checkout (`carry: ["bench/wheels"]`).

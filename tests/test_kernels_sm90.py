@@ -21,13 +21,13 @@ MXA_KERNELS = ("mxa_branch_fwd_kernel", "mxa_branch_bwd_channel_kernel", "mxa_br
 ATTENTION_KERNELS = ("window_attention_fwd_kernel", "window_attention_bwd_kernel")
 CASCADE_KERNEL = "cascaded_attention_infer_kernel"
 CASCADE_SIZES = {"narrow": 64, "wide": 128}  # shipped configuration -> the head width it serves at 224 px
-# pointers to tensors in the features' dtype; every other pointer is float32 (int32 for indices)
 # Spill bytes allowed in half precision: none but in the inference cascade (its table in the module's
 # notes) with the Triton the project is tested with (3.8); Triton 3.6's allocator, the GPU machine's,
 # spills up to 92 bytes in the MXA branch's channel backward and the window attention's backward, and
 # 120 in the narrow cascade (bench/README.md, "The GPU run"); 3.7, not measured, gets 3.6's limits.
 HALF_PRECISION_SPILL_BYTES = {"3.8": {"other": 0, "narrow": 64, "wide": 2048},
                               "3.6": {"other": 128, "narrow": 128, "wide": 2048}}
+# pointers to tensors in the features' dtype; every other pointer is float32 (int32 for indices)
 FEATURE_POINTERS = {"x_ptr", "out_ptr", "gout_ptr", "gx_ptr", "q_ptr", "k_ptr", "v_ptr", "gq_ptr", "gk_ptr", "gv_ptr",
                     "qkv_w_ptr", "proj_w_ptr", "heads_buf_ptr"}
 
