@@ -31,9 +31,9 @@ from timm.models.efficientvit_msra import LocalWindowAttention
 
 import mxa_kernels
 import mxa_model
-from mxa_kernels.window_attention_ref import _windows
+from mxa_kernels.ops.window_attention import partition_windows
+from mxa_model.cascaded_attention import FusedLocalWindowAttention
 from mxa_model.mxa import MedicalXRayAttention
-from mxa_model.window_attention import FusedLocalWindowAttention, randomized
 
 # providers whose outputs are not the reference's computation (another model), so not compared with it
 OTHER_MODELS = ("timm plain",)
@@ -61,6 +61,7 @@ class Case:
     modes: tuple[str, ...]
     providers: tuple[str, ...]  # the first is the reference the others are compared with
     build: Callable[["Case", torch.device, tuple[str, ...]], Workload]
+    op: str | None = None  # the fused op whose triton provider it times (mxa_kernels.OPS); None for models
     repeats: int = 10  # CPU timing repeats (on a GPU do_bench chooses)
 
     @property
@@ -140,7 +141,7 @@ def build_mxa_branch(case: Case, device: torch.device, providers: tuple[str, ...
         if provider == "eager":
             fn = eager
         elif provider == "triton":
-            if (reason := mxa_kernels.triton_unavailable_reason("mxa_branch", device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
             fn = fused
@@ -163,7 +164,7 @@ def sdpa_window_attention(q, k, v, bias, bias_idx, window, scale):
     """One head's windowed attention by ``F.scaled_dot_product_attention``: window copies in, the
     gathered bias as an additive mask."""
     batch, _, height, width = q.shape
-    qw, kw, vw = (_windows(t, window).transpose(1, 2) for t in (q, k, v))
+    qw, kw, vw = (partition_windows(t, window).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias[bias_idx].to(q.dtype), scale=scale)
     out = out.transpose(1, 2).reshape(batch, height // window, width // window, -1, window, window)
     return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
@@ -186,7 +187,7 @@ def build_window_attention(case: Case, device: torch.device, providers: tuple[st
         if provider == "eager":
             fn = mxa_kernels.window_attention_ref
         elif provider == "triton":
-            if (reason := mxa_kernels.triton_unavailable_reason("window_attention", device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
             fn = lambda *a: mxa_kernels.window_attention(*a, backend="triton")  # noqa: E731
@@ -225,7 +226,7 @@ def _module_calls(module: torch.nn.Module, runner: Callable, x: torch.Tensor) ->
     return {"forward+backward": forward_backward, "inference": inference}
 
 
-def _block_providers(case: Case, device, providers, make_module, op: str) -> Workload:
+def _block_providers(case: Case, device, providers, make_module) -> Workload:
     """The module (the whole module cast to the case's dtype, BatchNorms included) per provider."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.shape, generator=gen).to(device, case.torch_dtype)
@@ -237,7 +238,7 @@ def _block_providers(case: Case, device, providers, make_module, op: str) -> Wor
         if provider == "eager":
             module.backend = "eager"
         elif provider == "triton":
-            if (reason := mxa_kernels.triton_unavailable_reason(op, device)) is not None:
+            if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
             module.backend = "triton"
@@ -253,11 +254,25 @@ def _block_providers(case: Case, device, providers, make_module, op: str) -> Wor
 def build_mxa_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
     """The MXA block (ROI predictor and branch) on (B, C, H, W) features."""
     roi_mode = case.name.removeprefix("mxa_block_")
-    return _block_providers(case, device, providers, lambda: MedicalXRayAttention(case.shape[1], roi_mode=roi_mode),
-                            "mxa_branch")
+    return _block_providers(case, device, providers, lambda: MedicalXRayAttention(case.shape[1], roi_mode=roi_mode))
 
 
-def build_window_attention_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+def randomized(module: LocalWindowAttention) -> LocalWindowAttention:
+    """Random values for every BatchNorm (affine and statistics) and the bias table of a
+    ``LocalWindowAttention``, for benchmarks and tests: timm zero-initializes the output projection's
+    BatchNorm (so the block's output and every upstream gradient start as zeros) and the bias table."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_()
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        module.attn.attention_biases.normal_()
+    return module
+
+
+def build_cascaded_attention_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
     """EfficientViT's ``LocalWindowAttention`` (16-wide keys, M5's heads per stage); eager is timm's
     module, triton ``FusedLocalWindowAttention`` (its inference is the one-launch cascade). BatchNorms and
     bias table are randomized: timm's zero initialization would make the output all zeros."""
@@ -265,8 +280,7 @@ def build_window_attention_block(case: Case, device: torch.device, providers: tu
     heads = {192: 3, 288: 3, 384: 4}.get(dim, 2)
     window = 7 if side >= 7 else side
     return _block_providers(case, device, providers,
-                            lambda: randomized(FusedLocalWindowAttention(dim, 16, heads, dim / (16 * heads), side, window)),
-                            "cascaded_attention_infer")
+                            lambda: randomized(FusedLocalWindowAttention(dim, 16, heads, dim / (16 * heads), side, window)))
 
 
 # --- model level --------------------------------------------------------------------------------
@@ -294,7 +308,8 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
             torch.manual_seed(0)
             model = timm.create_model(variant, **common).to(device)
         elif provider in ("eager", "triton", *COMPILE_MODES):
-            reason = mxa_kernels.triton_unavailable_reason("mxa_branch", device) if provider == "triton" else None
+            reasons = (mxa_kernels.triton_unavailable_reason(op, device) for op in mxa_kernels.OPS)
+            reason = next((r for r in reasons if r is not None), None) if provider == "triton" else None
             if reason is not None:
                 work.skipped[provider] = reason
                 continue

@@ -45,8 +45,10 @@ status=0
 cp "$link/versions.txt" "${prefix}_tests.txt"  # the versions head the tests' output
 # -o addopts: the project's pytest options name pytest-benchmark, which this machine may lack
 # shellcheck disable=SC2086 - TESTS and BENCH_ARGS are word lists
-timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS:-tests/test_mxa_branch_triton.py tests/test_mxa_branch_ref.py \
-    tests/test_window_attention.py tests/test_cascaded_attention.py} 2>&1 | tee -a "${prefix}_tests.txt" || status=1
+# every registered op's test files (mxa_kernels.OPS), unless TESTS names others
+op_tests=$("$py" -c "import mxa_kernels; print(' '.join(t for op in mxa_kernels.OPS.values() for t in op.tests))")
+timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS:-$op_tests} 2>&1 \
+    | tee -a "${prefix}_tests.txt" || status=1
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-360}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
     --time-budget "${BENCH_BUDGET:-270}" \

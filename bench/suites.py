@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from .cases import (
     Case,
+    build_cascaded_attention_block,
     build_model,
     build_mxa_block,
     build_mxa_branch,
     build_window_attention,
-    build_window_attention_block,
 )
 
 KERNEL_MODES = ("forward", "forward+backward")
@@ -26,13 +26,15 @@ MODEL_MODES = ("train", "inference")
 
 SMOKE = (
     Case("mxa_branch_crop", "kernel", (64, 192, 14, 14), "float32", ("forward+backward",),
-         ("eager", "per-sample loop"), build_mxa_branch, repeats=15),
-    Case("mxa_branch_align", "kernel", (2, 40, 9, 9), "float32", KERNEL_MODES, ("eager", "triton"), build_mxa_branch),
+         ("eager", "per-sample loop"), build_mxa_branch, op="mxa_branch", repeats=15),
+    Case("mxa_branch_align", "kernel", (2, 40, 9, 9), "float32", KERNEL_MODES, ("eager", "triton"), build_mxa_branch,
+         op="mxa_branch"),
     Case("window_attention", "kernel", (2, 20, 14, 14), "float32", KERNEL_MODES, ("eager", "triton", "sdpa"),
-         build_window_attention),
-    Case("mxa_block_align", "block", (2, 40, 9, 9), "float32", BLOCK_MODES, ("eager", "triton"), build_mxa_block),
-    Case("window_attention_block", "block", (2, 40, 10, 10), "float32", BLOCK_MODES, ("eager", "triton"),
-         build_window_attention_block),
+         build_window_attention, op="window_attention"),
+    Case("mxa_block_align", "block", (2, 40, 9, 9), "float32", BLOCK_MODES, ("eager", "triton"), build_mxa_block,
+         op="mxa_branch"),
+    Case("cascaded_attention_block", "block", (2, 40, 10, 10), "float32", BLOCK_MODES, ("eager", "triton"),
+         build_cascaded_attention_block, op="cascaded_attention_infer"),
     Case("efficientvit_m5", "model", (8, 1, 224, 224), "float32", MODEL_MODES, ("eager", "timm plain"), build_model,
          repeats=9),
 )
@@ -45,12 +47,12 @@ _STAGE1, _LATER = _M5_STAGES[0], _M5_STAGES[1:]
 def _branch(mode: str, channels: int, side: int, providers: tuple[str, ...], dtype: str = "bfloat16") -> Case:
     loop = ("per-sample loop",) if mode == "crop" and "eager" in providers and "triton" in providers else ()
     return Case(f"mxa_branch_{mode}", "kernel", (256, channels, side, side), dtype, KERNEL_MODES, providers + loop,
-                build_mxa_branch)
+                build_mxa_branch, op="mxa_branch")
 
 
 def _window(value_dim: int, side: int, providers: tuple[str, ...]) -> Case:
     return Case("window_attention", "kernel", (256, value_dim, side, side), "bfloat16", KERNEL_MODES, providers,
-                build_window_attention)
+                build_window_attention, op="window_attention")
 
 
 # Ordered by what matters most, since gpu_check.sh may stop the run at its time limit: the model
@@ -62,13 +64,13 @@ FULL = (
     *(_branch(mode, *_STAGE1, ("eager", "triton", "torch.compile")) for mode in ("crop", "align")),
     _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "triton", "torch.compile", "sdpa")),
     *(Case(f"mxa_block_{mode}", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
-           ("eager", "triton", "torch.compile"), build_mxa_block) for mode in ("crop", "align")),
-    Case("window_attention_block", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
-         ("eager", "triton", "torch.compile"), build_window_attention_block),
+           ("eager", "triton", "torch.compile"), build_mxa_block, op="mxa_branch") for mode in ("crop", "align")),
+    Case("cascaded_attention_block", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
+         ("eager", "triton", "torch.compile"), build_cascaded_attention_block, op="cascaded_attention_infer"),
     *(_branch(mode, c, s, ("eager", "triton")) for mode in ("crop", "align") for c, s in _LATER),
     *(_window(d, s, ("eager", "triton", "sdpa")) for d, (_, s) in zip(_M5_VALUE_DIMS[1:], _LATER)),
-    *(Case("window_attention_block", "block", (256, c, s, s), "bfloat16", BLOCK_MODES, ("eager", "triton"),
-           build_window_attention_block) for c, s in _LATER),
+    *(Case("cascaded_attention_block", "block", (256, c, s, s), "bfloat16", BLOCK_MODES, ("eager", "triton"),
+           build_cascaded_attention_block, op="cascaded_attention_infer") for c, s in _LATER),
     _branch("crop", *_STAGE1, ("eager", "triton"), dtype="float32"),
     *(_branch(mode, *_STAGE1, ("eager", "torch.compile max-autotune")) for mode in ("crop", "align")),
     _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "torch.compile max-autotune")),

@@ -2,7 +2,7 @@
 
 Backend names:
 
-- ``"eager"``: the PyTorch reference implementations (``*_ref.py``); always available.
+- ``"eager"``: the PyTorch reference implementations (``mxa_kernels/ops/<op>/reference.py``); always available.
 - ``"triton"``: the fused Triton kernels. Served for CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` was set before Triton was imported (the interpreter the tests use).
   An explicit request that cannot be served raises :class:`BackendUnavailableError` saying why.

@@ -14,7 +14,7 @@ from .efficientvit import (
     load_pretrained_file,
 )
 from .mxa import MedicalXRayAttention
-from .window_attention import FusedLocalWindowAttention
+from .cascaded_attention import FusedLocalWindowAttention
 
 __all__ = [
     "FUSIONS", "VARIANTS", "CheckpointMismatchError", "FusedLocalWindowAttention", "MXAEfficientVit",

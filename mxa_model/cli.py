@@ -79,10 +79,15 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def backends(args: argparse.Namespace) -> int:
-    """Print each kernel backend and whether it can serve here."""
+    """Print each kernel backend and whether it can serve here, then each fused op and what serves it on
+    this machine's default device."""
     print(f"selected: {mxa_kernels.get_backend()}")
     for name, status in mxa_kernels.available_backends().items():
         print(f"{name:7s} {'available' if status.available else 'unavailable: ' + status.reason}")
+    device = default_device(None)
+    print(f"fused ops, served on {device} by:")
+    for name, op in mxa_kernels.OPS.items():
+        print(f"  {name:26s} {mxa_kernels.resolve_backend(name, None, device):7s} ({op.package.replace('.', '/')}/)")
     return 0
 
 

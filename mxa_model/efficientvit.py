@@ -23,8 +23,8 @@ from timm.models.efficientvit_msra import (
 )
 
 import mxa_kernels
+from .cascaded_attention import FusedLocalWindowAttention
 from .mxa import MedicalXRayAttention
-from .window_attention import FusedLocalWindowAttention
 
 FUSIONS = ("sum", "gate")
 
@@ -148,8 +148,9 @@ class MXAEfficientVit(EfficientVitMsra):
         """Set the kernel backend of every fused op in the model (None: follow the global selection)."""
         if backend is not None:
             mxa_kernels.check_backend_name(backend)
+        served = tuple(cls for op in mxa_kernels.OPS.values() for cls in op.module_classes())
         for module in self.modules():
-            if isinstance(module, (MedicalXRayAttention, FusedLocalWindowAttention)):
+            if isinstance(module, served):
                 module.backend = backend
 
     def set_input_size(self, img_size=None) -> None:

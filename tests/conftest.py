@@ -15,6 +15,15 @@ import pytest  # noqa: E402
 import mxa_kernels.backend as backend  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA GPU: skipped, with the reason, without one."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
     """Fresh random seed and no backend selection leaking between tests."""

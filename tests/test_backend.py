@@ -130,3 +130,28 @@ def test_module_and_model_backend_argument(monkeypatch):
     with mxa_kernels.use_backend("triton"):
         model.eval()(torch.randn(1, 1, 64, 64))
     assert len(calls) == 1 + len(model.mxa_modules())
+
+
+def test_set_backend_reaches_every_module_a_registered_op_serves():
+    """set_backend iterates the registry: every module of the model that holds a kernel backend is one
+    the registry says an op serves, and each gets the backend."""
+    import mxa_model
+
+    served = tuple(cls for op in mxa_kernels.OPS.values() for cls in op.module_classes())
+    assert {cls.__name__ for cls in served} == {"MedicalXRayAttention", "FusedLocalWindowAttention"}
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64)
+    model.set_backend("eager")
+    with_backend = [m for m in model.modules() if hasattr(m, "backend")]
+    assert with_backend and all(isinstance(m, served) and m.backend == "eager" for m in with_backend)
+    assert {type(m) for m in with_backend} == set(served)
+
+
+def test_registry_entries_are_whole():
+    """Each registered op: its public function dispatches to its reference under the eager backend, its
+    kernels module registers it with the switch, its test files exist."""
+    root = __import__("pathlib").Path(__file__).parents[1]
+    for name, op in mxa_kernels.OPS.items():
+        assert op.function.__name__ == name and getattr(mxa_kernels, name) is op.function
+        assert getattr(mxa_kernels, op.reference.__name__) is op.reference
+        assert op.kernels_module().__name__ == op.kernels and name in backend._TRITON_OPS
+        assert op.tests and all((root / path).is_file() for path in op.tests), op.tests

@@ -18,8 +18,8 @@ from mxa_bench import preflight, runner
 from mxa_bench.cases import Case, Workload, authors_mxa_branch, sdpa_window_attention
 from mxa_bench.suites import FULL, KEY_RATIOS, SMOKE
 from mxa_model import cli
+from mxa_model.cascaded_attention import FusedLocalWindowAttention
 from mxa_model.efficientvit import MXAEfficientVit
-from mxa_model.window_attention import FusedLocalWindowAttention
 
 REQUIRED = {"case", "provider", "mode", "shape", "dtype", "median_ms", "device", "commit"}
 SMOKE_RATIOS = {r.name: r for r in KEY_RATIOS["smoke"]}
@@ -31,6 +31,7 @@ def _gate(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_smoke_suite_passes_its_limits(tmp_path, capsys):
     """The CI gate: the smoke suite runs every provider it names (Triton through the interpreter) and
     its key ratios stay within the limits that hold on any machine (no baseline)."""
@@ -55,13 +56,14 @@ def test_the_gate_fails_when_the_crop_loops_over_the_batch_again(monkeypatch, ca
     """A real regression: the vectorized crop replaced by the authors' per-sample loop. The operation
     count then equals the loop's, whatever the processor. (The time ratio, the same code timed twice,
     measured 0.87-1.04 against its limit 1.2 here; noise could carry it past, so it is not asserted.)"""
-    monkeypatch.setattr(sys.modules["mxa_kernels.mxa_branch_ref"], "roi_resample", lambda x, boxes, roi_mode: mxa_kernels.crop_resize_loop(x, boxes))
+    monkeypatch.setattr(sys.modules["mxa_kernels.ops.mxa_branch.reference"], "roi_resample", lambda x, boxes, roi_mode: mxa_kernels.crop_resize_loop(x, boxes))
     code, printed = _gate(["--cases", "mxa_branch_crop", "--repeats", "9"], capsys)
     assert code == 1
     assert "mxa_branch_loop_over_vectorized_ops = 1.000" in printed
     assert "regression: mxa_branch_loop_over_vectorized_ops" in printed
 
 
+@pytest.mark.slow
 def test_the_gate_fails_on_a_twice_slower_mxa_model(monkeypatch, capsys):
     """A real regression: the MXA model doing its work twice (same output) in training and inference."""
     features = MXAEfficientVit.forward_features
@@ -198,6 +200,7 @@ def test_write_baseline_round_trips(tmp_path):
     assert _check(tmp_path, ratios, "--baseline", str(written)) == 0
 
 
+@pytest.mark.slow
 def test_full_suite_builds_and_runs_at_batch_2(tmp_path):
     """What a CPU can check of the GPU suite: every case builds at the M5 shapes and runs its CPU providers."""
     out = tmp_path / "full.json"
@@ -295,6 +298,7 @@ def test_micro_window_attention_eager(benchmark):
     torch.testing.assert_close(out, sdpa_window_attention(q, k, v, bias, idx, 7, 0.25), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     """bench/gpu_check.sh as far as a CPU can run it: card detection, the tests, the full suite (one case,
     batch 2), results named by date and card, copied to $OUT."""
@@ -317,6 +321,7 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     assert [json.loads(line) for line in history] == records
 
 
+@pytest.mark.slow
 def test_gpu_script_stops_in_seconds_when_a_requirement_is_missing(tmp_path):
     """A GPU lease is never spent on an import error: with an old timm first on the path, the script
     prints the versions and stops with one line before any test or benchmark."""
@@ -368,3 +373,14 @@ def test_a_gradient_that_is_zero_in_the_reference_is_judged_on_the_others_scale(
     assert runner._rel_err([torch.ones(100), torch.full((10,), 0.1)], want) > 1e3
     assert runner._rel_err([torch.ones(100) * 1.01, torch.zeros(10)], want) == pytest.approx(0.01)
     assert runner._rel_err(torch.full((3,), 1e-9), torch.zeros(3)) > 1e10  # a single output: no other scale
+
+
+def test_suites_time_every_registered_op():
+    """Each case names the op it times (mxa_kernels.OPS), models none; each op is timed by the smoke and
+    the full suite, in the cases its registry entry lists."""
+    for case in SMOKE + FULL:
+        assert (case.op is None) == (case.level == "model"), case.name
+        assert case.op is None or case.op in mxa_kernels.OPS, case.name
+    for name, op in mxa_kernels.OPS.items():
+        assert {c.name for c in SMOKE + FULL if c.op == name} == set(op.bench_cases), name
+        assert any(c.op == name for c in SMOKE) and any(c.op == name for c in FULL), name

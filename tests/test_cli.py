@@ -12,6 +12,7 @@ import torch
 import mxa_kernels
 from mxa_model import cli
 from mxa_model.data import LABELS
+from mxa_model.train.distributed import default_device
 
 
 def test_step_time_runs_and_reports(capsys):
@@ -27,6 +28,9 @@ def test_backends_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for name in mxa_kernels.BACKENDS:
         assert name in out
+    device = default_device(None)
+    for name in mxa_kernels.OPS:  # every registered op, and what serves it here
+        assert f"{name:26s} {mxa_kernels.resolve_backend(name, None, device):7s}" in out
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def test_eval_writes_the_json_contract(run, capsys):
     assert "auc_macro" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_predict_and_export(run, capsys):
     data, checkpoint, root = run
     image = next((data / "valid").rglob("*.jpg"))
@@ -96,12 +101,14 @@ def test_every_command_has_help(capsys):
         assert exit_.value.code == 0 and "usage: mxa " + command in capsys.readouterr().out, command
 
 
+@pytest.mark.slow
 def test_installed_console_script():
     script = Path(sys.executable).parent / "mxa"
     result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--teacher" in result.stdout
 
 
+@pytest.mark.slow
 def test_commands_that_read_no_images_run_without_pydicom():
     """The GPU machine has no pydicom: `mxa bench` and `mxa backends` must not need it (reading DICOM does)."""
     code = ("import sys; sys.modules['pydicom'] = None\n"  # makes `import pydicom` fail

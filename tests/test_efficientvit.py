@@ -4,6 +4,7 @@ import torch
 
 import mxa_model
 from mxa_model import CheckpointMismatchError, MXAEfficientVitBlock
+from mxa_model.mxa import MedicalXRayAttention
 
 
 def n_params(model):
@@ -152,19 +153,32 @@ def test_m0_forward_backward_at_a_small_size(fusion, roi_mode, in_chans):
     assert len(alphas) == (6 if fusion == "gate" else 0) and all(g is not None for g in alphas)
 
 
-def test_fusions_compute_their_formula():
-    block = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, fusion="gate").stages[0].blocks[0]
-    block.eval()
+@pytest.mark.parametrize("fusion", mxa_model.FUSIONS)
+def test_fusions_compute_their_formula(fusion):
+    """The MXA block against timm's plain block with the same weights, whose attention's output gets a
+    stand-alone MXA module's added (sum: ``x + attn(x) + mxa(x)``; gate: ``x + s attn(x) + (1 - s) mxa(x)``,
+    ``s = sigmoid(alpha)``) by a forward hook: timm's own forward does the rest."""
+    from timm.models.efficientvit_msra import EfficientVitBlock
+
+    block = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, fusion=fusion).stages[0].blocks[0]
     for p in block.parameters():  # timm zero-initializes some BatchNorms; make every path count
         torch.nn.init.normal_(p, std=0.2)
+    if fusion == "gate":
+        torch.nn.init.constant_(block.alpha, 0.7)
+    window_attn = block.mixer.m
+    attn = window_attn.attn
+    plain = EfficientVitBlock(64, attn.key_dim, window_attn.num_heads, attn.attn_ratio, window_attn.resolution,
+                              window_attn.window_resolution, [dw.conv.kernel_size[0] for dw in attn.dws])
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("mxa.") and k != "alpha"})
+    mxa = MedicalXRayAttention(64, roi_mode=block.mxa.roi_mode)
+    mxa.load_state_dict(block.mxa.state_dict())
+    gate = torch.sigmoid(torch.tensor(0.7)) if fusion == "gate" else torch.tensor(1.0)
+    mixed = 1.0 if fusion == "sum" else 1 - gate
+    plain.mixer.m.register_forward_hook(lambda module, args, out: gate * out + mixed * mxa(args[0]))
+    block.eval(), plain.eval(), mxa.eval()
     x = torch.randn(2, 64, 4, 4)
     with torch.no_grad():
-        h = block.ffn0(block.dw0(x))
-        s = torch.sigmoid(block.alpha)
-        mixed = h + s * block.mixer.m(h) + (1 - s) * block.mxa(h)
-        torch.testing.assert_close(block(x), block.ffn1(block.dw1(mixed)))
-        block.fusion = "sum"
-        torch.testing.assert_close(block(x), block.ffn1(block.dw1(h + block.mixer.m(h) + block.mxa(h))))
+        torch.testing.assert_close(block(x), plain(x))
 
 
 def test_distilled_heads():

@@ -90,6 +90,7 @@ def assert_same_weights(got: Path, want: Path) -> None:
             assert torch.equal(a["optimizer"]["state"][slot][name], value), f"optimizer {slot} {name}"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_or_mid_checkpoint_write_then_resume_gives_the_same_weights(data, tmp_path):
     whole = tmp_path / "whole"
     done = run_train("none", 0, train_args(data, whole))

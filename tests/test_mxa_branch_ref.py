@@ -158,7 +158,7 @@ def test_bad_arguments_raise_clear_errors():
         mxa_kernels.mxa_branch(x, boxes, *w, backend="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("roi_mode", mxa_kernels.ROI_MODES)
 def test_eager_branch_makes_no_host_synchronization(roi_mode):
     x = torch.randn(4, 16, 14, 14, device="cuda", requires_grad=True)

@@ -39,6 +39,7 @@ def test_supervised_run_writes_checkpoints_and_log(data, tmp_path):
     assert summary["valid"]["n_samples"] == N_VALID
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     train(config(data, whole))
@@ -82,6 +83,7 @@ def test_distillation_from_a_teacher_checkpoint(data, tmp_path):
     assert summary["valid"]["auc_macro"] is not None
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_count_every_validation_image_once(data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",

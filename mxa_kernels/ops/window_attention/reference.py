@@ -12,15 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def _windows(t: torch.Tensor, window: int) -> torch.Tensor:
+def partition_windows(t: torch.Tensor, window: int) -> torch.Tensor:
     """(B, D, H, W) -> (B * windows, D, window * window), windows in row-major order."""
     batch, depth, height, width = t.shape
     t = t.reshape(batch, depth, height // window, window, width // window, window)
     return t.permute(0, 2, 4, 1, 3, 5).reshape(-1, depth, window * window)
 
 
-def _unwindows(t: torch.Tensor, batch: int, height: int, width: int, window: int) -> torch.Tensor:
-    """The inverse of :func:`_windows`: (B * windows, D, window * window) -> (B, D, H, W)."""
+def merge_windows(t: torch.Tensor, batch: int, height: int, width: int, window: int) -> torch.Tensor:
+    """The inverse of :func:`partition_windows`: (B * windows, D, window * window) -> (B, D, H, W)."""
     t = t.reshape(batch, height // window, width // window, -1, window, window)
     return t.permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
 
@@ -39,6 +39,7 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     """
     batch, _, height, width = q.shape
     # a float32 bias table with half-precision maps (mixed precision) is cast to the maps' dtype
-    scores = _windows(q, window).transpose(1, 2) @ _windows(k, window) * scale + bias[bias_idx].to(q.dtype)
-    out = _windows(v, window) @ scores.softmax(dim=-1).transpose(1, 2)
-    return _unwindows(out, batch, height, width, window)
+    q_tiles, k_tiles, v_tiles = (partition_windows(t, window) for t in (q, k, v))
+    scores = q_tiles.transpose(1, 2) @ k_tiles * scale + bias[bias_idx].to(q.dtype)
+    out = v_tiles @ scores.softmax(dim=-1).transpose(1, 2)
+    return merge_windows(out, batch, height, width, window)

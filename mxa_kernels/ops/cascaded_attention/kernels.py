@@ -24,15 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
-from .backend import kernel_dtype_reason, register_triton_op
+from ... import alloc
+from ...backend import kernel_dtype_reason, register_triton_op
+from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build, padded
+from ..window_attention.kernels import MAX_HEAD_DIM, MAX_WINDOW_TOKENS
 
 # Launch configurations, by padded head width (DVP <= 64 or 128): output channels per projection
 # block, warps. Chosen by ptxas's sm_90 register report (tests/test_kernels_sm90.py): at 4 warps, or
 # wider projection blocks, the kernel spills more; "wide" still spills about 1 KB per thread.
-SHIPPED_CONFIGS = {"narrow": dict(COB=16, num_warps=8), "wide": dict(COB=32, num_warps=8)}
-MAX_WINDOW_TOKENS = 64
-MAX_HEAD_DIM = 128
+SHIPPED_CONFIGS = {"narrow": LaunchConfig("narrow", 8, {"COB": 16}), "wide": LaunchConfig("wide", 8, {"COB": 32})}
 
 
 @triton.jit
@@ -53,21 +53,21 @@ def cascaded_attention_infer_kernel(
     KS: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, COB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    w = tl.program_id(0)
+    window_id = tl.program_id(0)
     per_image = n_wh * n_ww
-    b = (w // per_image).to(tl.int64)
+    b = (window_id // per_image).to(tl.int64)
     n = tl.arange(0, NP)  # token of the window, row-major
     row, col = n // WS, n % WS
-    y = (w % per_image) // n_ww * WS + row
-    x = w % n_ww * WS + col
+    y = (window_id % per_image) // n_ww * WS + row
+    x = window_id % n_ww * WS + col
     in_window = n < WS * WS
     in_map = in_window & (y < H) & (x < W)  # tokens of the zero padding are in the window, not the map
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     dt = x_ptr.dtype.element_ty
     scale32 = tl.cast(scale, tl.float32)
-    q_buf = q_buf_ptr + w.to(tl.int64) * NP * DKP + dk[None, :]  # (NP, DKP) rows: tokens
-    heads_buf = heads_buf_ptr + w.to(tl.int64) * HEADS * NP * DVP + n[:, None] * DVP + dv[None, :]
+    q_buf = q_buf_ptr + window_id.to(tl.int64) * NP * DKP + dk[None, :]  # (NP, DKP) rows: tokens
+    heads_buf = heads_buf_ptr + window_id.to(tl.int64) * HEADS * NP * DVP + n[:, None] * DVP + dv[None, :]
     x_tile = x_ptr + b * sxb + y[:, None] * sxh + x[:, None] * sxw
 
     q_w_mask = (dv[:, None] < CG) & (dk[None, :] < DK)
@@ -135,7 +135,8 @@ def cascaded_attention_infer_kernel(
         tl.store(out, acc.to(dt), mask=in_map[:, None] & c_ok[None, :])
 
 
-def launch_config(dv_padded: int) -> dict:
+def launch_config(dv_padded: int) -> LaunchConfig:
+    """The shipped configuration for heads whose padded width is ``dv_padded``."""
     return SHIPPED_CONFIGS["narrow" if dv_padded <= 64 else "wide"]
 
 
@@ -148,8 +149,7 @@ def cascaded_attention_infer_forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias
     val_dim = qkv_out - 2 * key_dim
     n_wh, n_ww = -(-height // window), -(-width // window)
     windows = batch * n_wh * n_ww
-    sizes = dict(KS=kernel, DKP=max(16, triton.next_power_of_2(key_dim)),
-                 DVP=max(16, triton.next_power_of_2(max(group, val_dim))), NP=max(16, triton.next_power_of_2(window ** 2)))
+    sizes = dict(KS=kernel, DKP=padded(key_dim), DVP=padded(max(group, val_dim)), NP=padded(window ** 2))
     launch = SHIPPED_CONFIGS[config] if config is not None else launch_config(sizes["DVP"])
     out = alloc.empty(x.shape, dtype=x.dtype, device=x.device)
     q_buf = alloc.empty((windows, sizes["NP"], sizes["DKP"]), dtype=torch.float32, device=x.device)
@@ -161,9 +161,21 @@ def cascaded_attention_infer_forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias
             x, qkv_weight.to(x.dtype).contiguous(), qkv_b, dw_w, dw_b, table, bias_idx.to(torch.int32).contiguous(),
             proj_weight.to(x.dtype).contiguous(), proj_b, q_buf, heads_buf, out,
             height, width, n_wh, n_ww, window, channels, group, key_dim, val_dim, heads, attention_biases.shape[1], scale,
-            *x.stride(), *out.stride(), **sizes, PREC="ieee" if x.dtype == torch.float32 else None, **launch,
+            *x.stride(), *out.stride(), **sizes, PREC=dot_precision(x.dtype), **launch.options(),
         )
     return out
+
+
+def builds(all_configs: bool = False) -> list:
+    """The kernel x dtype in each shipped configuration, for GPU targets without a GPU: 7x7 windows, a 5x5
+    depthwise kernel, 16-wide keys, heads as wide as the configuration serves at 224 px (``all_configs``
+    adds none)."""
+    head_widths = {"narrow": 64, "wide": 128}
+    return [kernel_build(cascaded_attention_infer_kernel, f"{name}: 7x7 windows, heads {width} wide", dtype,
+                         SHIPPED_CONFIGS[name], dict(KS=5, DKP=16, DVP=width, NP=64),
+                         feature_pointers={"x_ptr", "out_ptr", "qkv_w_ptr", "proj_w_ptr", "heads_buf_ptr"},
+                         index_pointers={"idx_ptr"})
+            for dtype in BUILD_DTYPES for name, width in head_widths.items()]
 
 
 # torch.library registration: torch.compile traces through this op without graph breaks.

@@ -29,14 +29,26 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
-from .backend import kernel_dtype_reason, register_triton_op
+from ... import alloc
+from ...backend import kernel_dtype_reason, register_triton_op
+from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build
 
 MAX_MAP_SIDE = 32
-# Channels per tile and warps per program, by padded map (16x16; 16x32 or 32x16; 32x32). Warps split
-# the channel axis of the batched products, so a 4-channel tile gets 4 warps; 8 warps keep the
-# 16x16 bf16/fp16 kernels free of register spills (ptxas, sm_90).
-SHIPPED_CONFIGS = {16: (16, 8), 8: (8, 8), 4: (4, 4)}  # block_c -> (block_c, num_warps)
+# Channels per tile (BC) and warps per program, by channels per tile (16 for maps padded to 16x16; 8
+# for 16x32 or 32x16; 4 for 32x32). Warps split the channel axis of the batched products, so a
+# 4-channel tile gets 4 warps; 8 warps keep the 16x16 bf16/fp16 kernels free of register spills
+# (ptxas, sm_90).
+SHIPPED_CONFIGS = {block_c: LaunchConfig(f"BC {block_c}", num_warps, {"BC": block_c})
+                   for block_c, num_warps in ((16, 8), (8, 8), (4, 4))}
+
+# The spatial attention's convolution: a 7x7 kernel (zero padding 3) over two maps, channel max and
+# channel mean, so 49 weights per map and 98 in all; kernel rows padded to 8 where a block needs a
+# power of two.
+SA_SIDE = tl.constexpr(7)
+SA_PAD = tl.constexpr(3)
+SA_SIDE_P2 = tl.constexpr(8)
+SA_TAPS = tl.constexpr(49)
+SA_WEIGHTS = tl.constexpr(98)
 
 
 def _clamp_gradient_at_bounds() -> bool:
@@ -138,11 +150,11 @@ def _sample_matrices(box_ptr, H, W, ALIGN: tl.constexpr, HP: tl.constexpr, WP: t
 
 
 @triton.jit
-def _tile_offsets(b, c0, C, H, W, sb, sc, sh, sw, BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr):
+def _tile_offsets(b, c0, C, H, W, stride_b, stride_c, stride_h, stride_w, BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr):
     c = c0 + tl.arange(0, BC)[:, None, None]
     h = tl.arange(0, HP)[None, :, None]
     w = tl.arange(0, WP)[None, None, :]
-    return b * sb + c * sc + h * sh + w * sw, (c < C) & (h < H) & (w < W)
+    return b * stride_b + c * stride_c + h * stride_h + w * stride_w, (c < C) & (h < H) & (w < W)
 
 
 @triton.jit
@@ -165,10 +177,10 @@ def _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols,
 
 
 @triton.jit
-def _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean):
+def _grad_scaled_map(g, spatial, cc, C, best_c, g_best, g_mean):
     """d loss / d(z * cw) from the output gradient g: the spatial weights' share, and the shares of the
     channel max (to the first maximal channel) and mean that fed the spatial attention."""
-    g_u = g * sw[None, :, :] + tl.where(cc[:, None, None] == best_c[None, :, :], g_best[None, :, :], 0.0)
+    g_u = g * spatial[None, :, :] + tl.where(cc[:, None, None] == best_c[None, :, :], g_best[None, :, :], 0.0)
     return g_u + g_mean[None, :, :] / C
 
 
@@ -182,25 +194,25 @@ def _channel_weights(w2_ptr, hid, cc, C, CH, BCH: tl.constexpr):
 
 @triton.jit
 def _row_shift(i, H, HP: tl.constexpr):
-    """(HP, HP) matrix S with (S @ m)[p] = m[p + i - 3] (zero outside the map)."""
+    """(HP, HP) matrix S with (S @ m)[p] = m[p + i - SA_PAD] (zero outside the map)."""
     p = tl.arange(0, HP)[:, None]
     h = tl.arange(0, HP)[None, :]
-    return tl.where((h == p + i - 3) & (h < H), 1.0, 0.0)
+    return tl.where((h == p + i - SA_PAD) & (h < H), 1.0, 0.0)
 
 
 @triton.jit
-def _kernel_band(ws_ptr, k, i, WP: tl.constexpr):
-    """(WP, WP) matrix B with (m @ B)[:, q] = sum_j ws[k, i, j] m[:, q + j - 3]."""
+def _kernel_band(sa_w_ptr, k, i, WP: tl.constexpr):
+    """(WP, WP) matrix B with (m @ B)[:, q] = sum_j sa_w[k, i, j] m[:, q + j - SA_PAD]."""
     w = tl.arange(0, WP)[:, None]
     q = tl.arange(0, WP)[None, :]
-    d = w - q + 3
-    return tl.load(ws_ptr + k * 49 + i * 7 + d, mask=(d >= 0) & (d < 7), other=0.0)
+    d = w - q + SA_PAD
+    return tl.load(sa_w_ptr + k * SA_TAPS + i * SA_SIDE + d, mask=(d >= 0) & (d < SA_SIDE), other=0.0)
 
 
 @triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_fwd_kernel(
-    x_ptr, box_ptr, w1_ptr, w2_ptr, ws_ptr, out_ptr,
-    pooled_ptr, hidden_ptr, cw_ptr, stats_ptr, argmax_ptr, sw_ptr,
+    x_ptr, box_ptr, w1_ptr, w2_ptr, sa_w_ptr, out_ptr,
+    pooled_ptr, hidden_ptr, cw_ptr, stats_ptr, argmax_ptr, spatial_ptr,
     C, H, W, CH,
     sxb, sxc, sxh, sxw, sob, soc, soh, sow,
     ALIGN: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, BCH: tl.constexpr,
@@ -257,26 +269,26 @@ def mxa_branch_fwd_kernel(
 
     # Spatial attention: 7x7 conv of (max, mean) as row shifts of banded matrix products.
     s = tl.zeros((HP, WP), tl.float32)
-    for i in tl.static_range(7):
-        band_sum = tl.dot(best, _kernel_band(ws_ptr, 0, i, WP), input_precision="ieee")
-        band_sum += tl.dot(mean, _kernel_band(ws_ptr, 1, i, WP), input_precision="ieee")
+    for i in tl.static_range(SA_SIDE):
+        band_sum = tl.dot(best, _kernel_band(sa_w_ptr, 0, i, WP), input_precision="ieee")
+        band_sum += tl.dot(mean, _kernel_band(sa_w_ptr, 1, i, WP), input_precision="ieee")
         s += tl.dot(_row_shift(i, H, HP), band_sum, input_precision="ieee")
-    sw = tl.sigmoid(s)
-    tl.store(sw_ptr + b * H * W + p * W + q, sw, mask=pix)
+    spatial = tl.sigmoid(s)
+    tl.store(spatial_ptr + b * H * W + p * W + q, spatial, mask=pix)
 
     # Pass 3: the output.
     for c0 in range(0, C, BC):
         z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cw = _channel_weights(w2_ptr, hidden, c0 + tl.arange(0, BC), C, CH, BCH)
-        out = z * cw[:, None, None] * sw[None, :, :]
+        out = z * cw[:, None, None] * spatial[None, :, :]
         out_offs, _ = _tile_offsets(b, c0, C, H, W, sob, soc, soh, sow, BC, HP, WP)
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_bwd_channel_kernel(
-    x_ptr, gout_ptr, box_ptr, ws_ptr, cw_ptr, stats_ptr, argmax_ptr, sw_ptr,
-    gcw_ptr, gstats_ptr, gws_ptr,
+    x_ptr, gout_ptr, box_ptr, sa_w_ptr, cw_ptr, stats_ptr, argmax_ptr, spatial_ptr,
+    gcw_ptr, gstats_ptr, g_sa_w_ptr,
     C, H, W,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
     ALIGN: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
@@ -287,40 +299,41 @@ def mxa_branch_bwd_channel_kernel(
     p = tl.arange(0, HP)[:, None]
     q = tl.arange(0, WP)[None, :]
     pix = (p < H) & (q < W)
-    sw = tl.load(sw_ptr + b * H * W + p * W + q, mask=pix, other=0.0)
+    spatial = tl.load(spatial_ptr + b * H * W + p * W + q, mask=pix, other=0.0)
 
     # d loss / d spatial weights = sum_c grad * (z * cw)
-    g_sw = tl.zeros((HP, WP), tl.float32)
+    g_spatial = tl.zeros((HP, WP), tl.float32)
     for c0 in range(0, C, BC):
         z, mask = _load_resampled(x_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, rows, cols, BC, HP, WP, PREC)
         cc = c0 + tl.arange(0, BC)
         cw = tl.load(cw_ptr + b * C + cc, mask=cc < C, other=0.0)
         g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
         g = tl.load(gout_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        g_sw += tl.sum(g * z * cw[:, None, None], axis=0)
-    g_s = tl.where(pix, g_sw * sw * (1.0 - sw), 0.0)
+        g_spatial += tl.sum(g * z * cw[:, None, None], axis=0)
+    g_s = tl.where(pix, g_spatial * spatial * (1.0 - spatial), 0.0)
 
     # Back through s = sum_i shift_i @ (max @ band_0i + mean @ band_1i).
     best = tl.load(stats_ptr + b * 2 * H * W + p * W + q, mask=pix, other=0.0)
     mean = tl.load(stats_ptr + b * 2 * H * W + H * W + p * W + q, mask=pix, other=0.0)
     g_best = tl.zeros((HP, WP), tl.float32)
     g_mean = tl.zeros((HP, WP), tl.float32)
-    # band diagonal of each (w, q) entry, against the 7 (padded to 8) kernel columns
-    diag = tl.arange(0, WP)[:, None] - tl.arange(0, WP)[None, :] + 3
-    on_diag = diag[None, :, :] == tl.arange(0, 8)[:, None, None]
-    kernel_col = tl.arange(0, 8)
-    for i in tl.static_range(7):
+    # band diagonal of each (w, q) entry, against the kernel's columns (padded to a power of two)
+    diag = tl.arange(0, WP)[:, None] - tl.arange(0, WP)[None, :] + SA_PAD
+    on_diag = diag[None, :, :] == tl.arange(0, SA_SIDE_P2)[:, None, None]
+    kernel_col = tl.arange(0, SA_SIDE_P2)
+    for i in tl.static_range(SA_SIDE):
         shift = _row_shift(i, H, HP)
         g_band_sum = tl.dot(tl.trans(shift), g_s, input_precision="ieee")
-        g_best += tl.dot(g_band_sum, tl.trans(_kernel_band(ws_ptr, 0, i, WP)), input_precision="ieee")
-        g_mean += tl.dot(g_band_sum, tl.trans(_kernel_band(ws_ptr, 1, i, WP)), input_precision="ieee")
+        g_best += tl.dot(g_band_sum, tl.trans(_kernel_band(sa_w_ptr, 0, i, WP)), input_precision="ieee")
+        g_mean += tl.dot(g_band_sum, tl.trans(_kernel_band(sa_w_ptr, 1, i, WP)), input_precision="ieee")
         # d loss / d band_ki = (shift_i @ map_k)^T @ g_s; each band diagonal is one kernel weight.
         g_band_0 = tl.dot(tl.trans(tl.dot(shift, best, input_precision="ieee")), g_s, input_precision="ieee")
         g_band_1 = tl.dot(tl.trans(tl.dot(shift, mean, input_precision="ieee")), g_s, input_precision="ieee")
         g_row_0 = tl.sum(tl.sum(tl.where(on_diag, g_band_0[None, :, :], 0.0), axis=2), axis=1)
         g_row_1 = tl.sum(tl.sum(tl.where(on_diag, g_band_1[None, :, :], 0.0), axis=2), axis=1)
-        tl.store(gws_ptr + b * 98 + i * 7 + kernel_col, g_row_0, mask=kernel_col < 7)
-        tl.store(gws_ptr + b * 98 + 49 + i * 7 + kernel_col, g_row_1, mask=kernel_col < 7)
+        row_0 = g_sa_w_ptr + b * SA_WEIGHTS + i * SA_SIDE + kernel_col
+        tl.store(row_0, g_row_0, mask=kernel_col < SA_SIDE)
+        tl.store(row_0 + SA_TAPS, g_row_1, mask=kernel_col < SA_SIDE)
     tl.store(gstats_ptr + b * 2 * H * W + p * W + q, g_best, mask=pix)
     tl.store(gstats_ptr + b * 2 * H * W + H * W + p * W + q, g_mean, mask=pix)
 
@@ -331,13 +344,13 @@ def mxa_branch_bwd_channel_kernel(
         cc = c0 + tl.arange(0, BC)
         g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
         g = tl.load(gout_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        g_u = _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean)
+        g_u = _grad_scaled_map(g, spatial, cc, C, best_c, g_best, g_mean)
         tl.store(gcw_ptr + b * C + cc, tl.sum(tl.sum(g_u * z, axis=2), axis=1), mask=cc < C)
 
 
 @triton.jit(do_not_specialize=["C", "H", "W"])  # sizes of 1 would become Python ints without .to
 def mxa_branch_bwd_input_kernel(
-    x_ptr, gout_ptr, box_ptr, cw_ptr, argmax_ptr, sw_ptr, gstats_ptr, gpooled_ptr,
+    x_ptr, gout_ptr, box_ptr, cw_ptr, argmax_ptr, spatial_ptr, gstats_ptr, gpooled_ptr,
     gx_ptr, gbox_ptr,
     C, H, W,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
@@ -352,7 +365,7 @@ def mxa_branch_bwd_input_kernel(
     q = tl.arange(0, WP)[None, :]
     pix = (p < H) & (q < W)
     inv_hw = 1.0 / (H * W).to(tl.float32)
-    sw = tl.load(sw_ptr + b * H * W + p * W + q, mask=pix, other=0.0)
+    spatial = tl.load(spatial_ptr + b * H * W + p * W + q, mask=pix, other=0.0)
     best_c = tl.load(argmax_ptr + b * H * W + p * W + q, mask=pix, other=-1)
     g_best = tl.load(gstats_ptr + b * 2 * H * W + p * W + q, mask=pix, other=0.0)
     g_mean = tl.load(gstats_ptr + b * 2 * H * W + H * W + p * W + q, mask=pix, other=0.0)
@@ -364,7 +377,7 @@ def mxa_branch_bwd_input_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     g_offs, _ = _tile_offsets(b, c0, C, H, W, sgb, sgc, sgh, sgw, BC, HP, WP)
     g = tl.load(gout_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-    g_u = _grad_scaled_map(g, sw, cc, C, best_c, g_best, g_mean)
+    g_u = _grad_scaled_map(g, spatial, cc, C, best_c, g_best, g_mean)
     g_z = tl.where(mask, g_u * cw[:, None, None], 0.0)
 
     # x gradient: rows^T @ g_z @ cols, plus the channel mean's share, spread by the same weights.
@@ -421,25 +434,24 @@ def unsupported_reason(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
 
 
 def _launch_config(x: torch.Tensor, block_c: int | None) -> dict:
+    """The launch's constexprs and warps: a shipped configuration (by ``block_c``, or chosen by map size)
+    and the padded map."""
     height, width = x.shape[2:]
-    block_c, num_warps = SHIPPED_CONFIGS[block_c or block_channels(height, width)]
-    return dict(
-        BC=block_c, num_warps=num_warps, HP=_padded_side(height), WP=_padded_side(width),
-        PREC="ieee" if x.dtype == torch.float32 else None,  # fp32 products exact, not TF32
-    )
+    launch = SHIPPED_CONFIGS[block_c or block_channels(height, width)]
+    return dict(launch.options(), HP=_padded_side(height), WP=_padded_side(width), PREC=dot_precision(x.dtype))
 
 
 def _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight):
     hidden, channels = ca_reduce_weight.shape[:2]
     return (ca_reduce_weight.reshape(hidden, channels).float().contiguous(),
             ca_expand_weight.reshape(channels, hidden).float().contiguous(),
-            sa_weight.reshape(2, 7, 7).float().contiguous())
+            sa_weight.reshape(2, SA_SIDE.value, SA_SIDE.value).float().contiguous())
 
 
 def mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align: bool, block_c=None):
     """Launch the forward kernel; returns the output and what the backward needs."""
     batch, channels, height, width = x.shape
-    w1, w2, ws = _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight)
+    w1, w2, sa_w = _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight)
     hidden_channels = w1.shape[0]
     f32 = dict(device=x.device, dtype=torch.float32)
     out = alloc.empty_like(x)
@@ -448,30 +460,30 @@ def mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     cw = alloc.empty((batch, channels), **f32)
     stats = alloc.empty((batch, 2, height, width), **f32)
     argmax = alloc.empty((batch, height, width), device=x.device, dtype=torch.int32)
-    sw = alloc.empty((batch, height, width), **f32)
+    spatial = alloc.empty((batch, height, width), **f32)
     with alloc.on_device(x):
         mxa_branch_fwd_kernel[(batch,)](
-            x, boxes.float().contiguous(), w1, w2, ws, out, pooled, hidden, cw, stats, argmax, sw,
+            x, boxes.float().contiguous(), w1, w2, sa_w, out, pooled, hidden, cw, stats, argmax, spatial,
             channels, height, width, hidden_channels, *x.stride(), *out.stride(),
             ALIGN=align, BCH=triton.next_power_of_2(hidden_channels), **_launch_config(x, block_c),
         )
-    return out, pooled, hidden, cw, stats, argmax, sw
+    return out, pooled, hidden, cw, stats, argmax, spatial
 
 
 def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight,
-                        pooled, hidden, cw, stats, argmax, sw, align: bool, block_c=None):
+                        pooled, hidden, cw, stats, argmax, spatial, align: bool, block_c=None):
     """Launch the two backward kernels; returns the gradients of x, boxes and the three weights."""
     batch, channels, height, width = x.shape
-    w1, w2, ws = _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight)
+    w1, w2, sa_w = _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight)
     config = _launch_config(x, block_c)
     boxes32 = boxes.float().contiguous()
     f32 = dict(device=x.device, dtype=torch.float32)
     g_cw = alloc.empty((batch, channels), **f32)
     g_stats = alloc.empty((batch, 2, height, width), **f32)
-    g_ws_per_sample = alloc.empty((batch, 98), **f32)
+    g_sa_w_per_sample = alloc.empty((batch, SA_WEIGHTS.value), **f32)
     with alloc.on_device(x):
         mxa_branch_bwd_channel_kernel[(batch,)](
-            x, grad_out, boxes32, ws, cw, stats, argmax, sw, g_cw, g_stats, g_ws_per_sample,
+            x, grad_out, boxes32, sa_w, cw, stats, argmax, spatial, g_cw, g_stats, g_sa_w_per_sample,
             channels, height, width, *x.stride(), *grad_out.stride(), ALIGN=align, **config,
         )
     # The channel-attention MLP on (B, C): cw = sigmoid(W2 relu(W1 pooled)).
@@ -486,13 +498,33 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     g_box_per_block = alloc.empty((batch, blocks, 4), **f32) if align else g_cw  # unused in crop mode
     with alloc.on_device(x):
         mxa_branch_bwd_input_kernel[(batch, blocks)](
-            x, grad_out, boxes32, cw, argmax, sw, g_stats, g_pooled, g_x, g_box_per_block,
+            x, grad_out, boxes32, cw, argmax, spatial, g_stats, g_pooled, g_x, g_box_per_block,
             channels, height, width, *x.stride(), *grad_out.stride(), *g_x.stride(), ALIGN=align, **config,
         )
     g_boxes = g_box_per_block.sum(dim=1) if align else torch.zeros_like(boxes32)
     return (g_x, g_boxes.to(boxes.dtype), g_w1.reshape(ca_reduce_weight.shape).to(ca_reduce_weight.dtype),
             g_w2.reshape(ca_expand_weight.shape).to(ca_expand_weight.dtype),
-            g_ws_per_sample.sum(dim=0).reshape(sa_weight.shape).to(sa_weight.dtype))
+            g_sa_w_per_sample.sum(dim=0).reshape(sa_weight.shape).to(sa_weight.dtype))
+
+
+def builds(all_configs: bool = False) -> list:
+    """Every kernel x dtype x ROI mode, for GPU targets without a GPU: in the configuration of 16x16
+    padded maps (every EfficientViT stage at 224 px), or ``all_configs``: the larger maps' too."""
+    padded_maps = {16: (16, 16), 8: (16, 32), 4: (32, 32)}
+    result = []
+    for kernel in (mxa_branch_fwd_kernel, mxa_branch_bwd_channel_kernel, mxa_branch_bwd_input_kernel):
+        for dtype in BUILD_DTYPES:
+            for block_c in (16, 8, 4) if all_configs else (16,):
+                height, width = padded_maps[block_c]
+                for align in (True, False):
+                    constexprs = dict(ALIGN=align, HP=height, WP=width)
+                    if "BCH" in kernel.arg_names:
+                        constexprs["BCH"] = 16
+                    result.append(kernel_build(
+                        kernel, f"BC {block_c} map {height}x{width} {'align' if align else 'crop'}", dtype,
+                        SHIPPED_CONFIGS[block_c], constexprs, feature_pointers={"x_ptr", "out_ptr", "gout_ptr", "gx_ptr"},
+                        index_pointers={"argmax_ptr"}))
+    return result
 
 
 # torch.library registration: torch.compile traces through these ops without graph breaks.
@@ -519,14 +551,14 @@ def _(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align):
 def mxa_branch_bwd(grad_out: torch.Tensor, x: torch.Tensor, boxes: torch.Tensor, ca_reduce_weight: torch.Tensor,
                    ca_expand_weight: torch.Tensor, sa_weight: torch.Tensor, pooled: torch.Tensor,
                    hidden: torch.Tensor, cw: torch.Tensor, stats: torch.Tensor, argmax: torch.Tensor,
-                   sw: torch.Tensor, align: bool
+                   spatial: torch.Tensor, align: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight,
-                               pooled, hidden, cw, stats, argmax, sw, align)
+                               pooled, hidden, cw, stats, argmax, spatial, align)
 
 
 @mxa_branch_bwd.register_fake
-def _(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, pooled, hidden, cw, stats, argmax, sw,
+def _(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, pooled, hidden, cw, stats, argmax, spatial,
       align):
     return (torch.empty_like(x), torch.empty_like(boxes), torch.empty_like(ca_reduce_weight),
             torch.empty_like(ca_expand_weight), torch.empty_like(sa_weight))
@@ -534,10 +566,10 @@ def _(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, pooled,
 
 def _setup_context(ctx, inputs, output):
     x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align = inputs
-    _, pooled, hidden, cw, stats, argmax, sw = output
-    ctx.mark_non_differentiable(pooled, hidden, cw, stats, argmax, sw)
+    _, pooled, hidden, cw, stats, argmax, spatial = output
+    ctx.mark_non_differentiable(pooled, hidden, cw, stats, argmax, spatial)
     ctx.save_for_backward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, pooled, hidden, cw, stats,
-                          argmax, sw)
+                          argmax, spatial)
     ctx.align = align
 
 

@@ -1,4 +1,5 @@
-"""timm's LocalWindowAttention, with its attention core served by the fused windowed-attention op."""
+"""timm's LocalWindowAttention (windowed cascaded group attention) served by the fused ops: the whole block by
+``cascaded_attention_infer`` at inference, each head's attention by ``window_attention`` otherwise."""
 
 from __future__ import annotations
 
@@ -28,21 +29,6 @@ def _fold(conv_norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     bn = conv_norm.bn
     gain = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     return conv_norm.conv.weight * gain[:, None, None, None], bn.bias - bn.running_mean * gain
-
-
-def randomized(module):
-    """Random values for every BatchNorm (affine and statistics) and the bias table of a
-    ``LocalWindowAttention``, for tests and benchmarks: timm zero-initializes the output projection's
-    BatchNorm (so the block's output and every upstream gradient start as zeros) and the bias table."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-        module.attn.attention_biases.normal_()
-    return module
 
 
 class FusedLocalWindowAttention(LocalWindowAttention):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .window_attention_ref import _unwindows, _windows
+from ..window_attention.reference import merge_windows, partition_windows
 
 
 def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
@@ -38,7 +38,7 @@ def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_
     qkv_weight, qkv_bias, dw_weight, dw_bias, proj_weight, proj_bias = (
         t.to(x.dtype) for t in (qkv_weight, qkv_bias, dw_weight, dw_bias, proj_weight, proj_bias))
     pad_b, pad_r = -height % window, -width % window
-    tiles = _windows(F.pad(x, (0, pad_r, 0, pad_b)), window)  # (B * windows, C, N)
+    tiles = partition_windows(F.pad(x, (0, pad_r, 0, pad_b)), window)  # (B * windows, C, N)
     bias = attention_biases[:, bias_idx].to(x.dtype)  # (heads, N, N)
     feats_in = tiles.chunk(heads, dim=1)
     feat, feats_out = feats_in[0], []
@@ -53,5 +53,5 @@ def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_
         feat = v @ attn.transpose(1, 2)
         feats_out.append(feat)
     out = proj_weight @ torch.relu(torch.cat(feats_out, dim=1)) + proj_bias[:, None]
-    out = _unwindows(out, batch, height + pad_b, width + pad_r, window)
+    out = merge_windows(out, batch, height + pad_b, width + pad_r, window)
     return out[:, :, :height, :width] if (pad_b or pad_r) else out

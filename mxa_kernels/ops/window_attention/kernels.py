@@ -21,12 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
-from .backend import kernel_dtype_reason, register_triton_op
+from ... import alloc
+from ...backend import kernel_dtype_reason, register_triton_op
+from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build, padded
+
+MAX_WINDOW_TOKENS = 64
+MAX_HEAD_DIM = 128
+# one configuration: one window per program; every block size follows from the window and head widths
+SHIPPED_CONFIGS = {"window": LaunchConfig("window", 4)}
 
 
 @triton.jit
-def _window_tile(ptr, window_id, n_wh, n_ww, WS, sb, sd, sh, sw, D, DP: tl.constexpr, NP: tl.constexpr):
+def _window_tile(ptr, window_id, n_wh, n_ww, WS, stride_b, stride_d, stride_h, stride_w, D, DP: tl.constexpr, NP: tl.constexpr):
     """Offsets and mask of the (DP, NP) tile [feature, token] of one window in a (B, D, H, W) map."""
     per_image = n_wh * n_ww
     b = (window_id // per_image).to(tl.int64)
@@ -36,17 +42,17 @@ def _window_tile(ptr, window_id, n_wh, n_ww, WS, sb, sd, sh, sw, D, DP: tl.const
     y = wh * WS + n // WS
     x = ww * WS + n % WS
     d = tl.arange(0, DP)
-    offs = b * sb + d[:, None] * sd + y[None, :] * sh + x[None, :] * sw
+    offs = b * stride_b + d[:, None] * stride_d + y[None, :] * stride_h + x[None, :] * stride_w
     return offs, (d[:, None] < D) & (n[None, :] < WS * WS)
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, skb, skd, skh, skw,
+def _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, window_id, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, skb, skd, skh, skw,
             DK, OFFSETS, scale, DKP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr):
     """scale * q^T k + bias[idx] of one window, (NP, NP), padded key columns at -inf; and q, k.
     An offset outside the table of OFFSETS entries gives a NaN score (the table is never read past)."""
-    q_offs, q_mask = _window_tile(q_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, DK, DKP, NP)
-    k_offs, k_mask = _window_tile(k_ptr, w, n_wh, n_ww, WS, skb, skd, skh, skw, DK, DKP, NP)
+    q_offs, q_mask = _window_tile(q_ptr, window_id, n_wh, n_ww, WS, sqb, sqd, sqh, sqw, DK, DKP, NP)
+    k_offs, k_mask = _window_tile(k_ptr, window_id, n_wh, n_ww, WS, skb, skd, skh, skw, DK, DKP, NP)
     q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
     k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.0)
     n = tl.arange(0, NP)
@@ -67,21 +73,21 @@ def window_attention_fwd_kernel(
     sqb, sqd, sqh, sqw, skb, skd, skh, skw, svb, svd, svh, svw, sob, sod, soh, sow,
     DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
 ):
-    w = tl.program_id(0)
-    s, _, _, _, _ = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
+    window_id = tl.program_id(0)
+    s, _, _, _, _ = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, window_id, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
                             skb, skd, skh, skw, DK, OFFSETS, scale, DKP, NP, PREC)
     row_max = tl.max(s, axis=1)
     p = tl.exp(s - row_max[:, None])
     row_sum = tl.sum(p, axis=1)
     p = p / row_sum[:, None]
-    v_offs, v_mask = _window_tile(v_ptr, w, n_wh, n_ww, WS, svb, svd, svh, svw, DV, DVP, NP)
+    v_offs, v_mask = _window_tile(v_ptr, window_id, n_wh, n_ww, WS, svb, svd, svh, svw, DV, DVP, NP)
     v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0)
     out = tl.dot(v, tl.trans(p).to(v.dtype), input_precision=PREC)  # (DVP, NP): out[:, i] = sum_j v_j p_ij
-    o_offs, _ = _window_tile(out_ptr, w, n_wh, n_ww, WS, sob, sod, soh, sow, DV, DVP, NP)
+    o_offs, _ = _window_tile(out_ptr, window_id, n_wh, n_ww, WS, sob, sod, soh, sow, DV, DVP, NP)
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=v_mask)
     n = tl.arange(0, NP)
-    tl.store(rows_ptr + w.to(tl.int64) * 2 * NP + n, row_max)
-    tl.store(rows_ptr + w.to(tl.int64) * 2 * NP + NP + n, row_sum)
+    tl.store(rows_ptr + window_id.to(tl.int64) * 2 * NP + n, row_max)
+    tl.store(rows_ptr + window_id.to(tl.int64) * 2 * NP + NP + n, row_sum)
 
 
 @triton.jit(do_not_specialize=["n_wh", "n_ww", "WS", "DK", "DV", "OFFSETS"])
@@ -92,16 +98,16 @@ def window_attention_bwd_kernel(
     sdkb, sdkd, sdkh, sdkw, sdvb, sdvd, sdvh, sdvw,
     DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
 ):
-    w = tl.program_id(0)
-    s, q, k, idx, pair_ok = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, w, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
+    window_id = tl.program_id(0)
+    s, q, k, idx, pair_ok = _scores(q_ptr, k_ptr, bias_ptr, idx_ptr, window_id, n_wh, n_ww, WS, sqb, sqd, sqh, sqw,
                                     skb, skd, skh, skw, DK, OFFSETS, scale, DKP, NP, PREC)
     n = tl.arange(0, NP)
-    row_max = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + n)
-    row_sum = tl.load(rows_ptr + w.to(tl.int64) * 2 * NP + NP + n)
+    row_max = tl.load(rows_ptr + window_id.to(tl.int64) * 2 * NP + n)
+    row_sum = tl.load(rows_ptr + window_id.to(tl.int64) * 2 * NP + NP + n)
     p = tl.where(pair_ok, tl.exp(s - row_max[:, None]) / row_sum[:, None], 0.0)
-    v_offs, v_mask = _window_tile(v_ptr, w, n_wh, n_ww, WS, svb, svd, svh, svw, DV, DVP, NP)
+    v_offs, v_mask = _window_tile(v_ptr, window_id, n_wh, n_ww, WS, svb, svd, svh, svw, DV, DVP, NP)
     v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0)
-    g_offs, _ = _window_tile(gout_ptr, w, n_wh, n_ww, WS, sgb, sgd, sgh, sgw, DV, DVP, NP)
+    g_offs, _ = _window_tile(gout_ptr, window_id, n_wh, n_ww, WS, sgb, sgd, sgh, sgw, DV, DVP, NP)
     g_out = tl.load(gout_ptr + g_offs, mask=v_mask, other=0.0)
 
     g_v = tl.dot(g_out, p.to(g_out.dtype), input_precision=PREC)               # (DVP, NP)
@@ -111,22 +117,22 @@ def window_attention_bwd_kernel(
     g_q = tl.dot(k, tl.trans(g_s).to(k.dtype), input_precision=PREC) * scale32  # (DKP, NP)
     g_k = tl.dot(q, g_s.to(q.dtype), input_precision=PREC) * scale32            # (DKP, NP)
 
-    gqk_offs, gqk_mask = _window_tile(gq_ptr, w, n_wh, n_ww, WS, sdkb, sdkd, sdkh, sdkw, DK, DKP, NP)
+    gqk_offs, gqk_mask = _window_tile(gq_ptr, window_id, n_wh, n_ww, WS, sdkb, sdkd, sdkh, sdkw, DK, DKP, NP)
     tl.store(gq_ptr + gqk_offs, g_q.to(gq_ptr.dtype.element_ty), mask=gqk_mask)
     tl.store(gk_ptr + gqk_offs, g_k.to(gk_ptr.dtype.element_ty), mask=gqk_mask)
-    gv_offs, _ = _window_tile(gv_ptr, w, n_wh, n_ww, WS, sdvb, sdvd, sdvh, sdvw, DV, DVP, NP)
+    gv_offs, _ = _window_tile(gv_ptr, window_id, n_wh, n_ww, WS, sdvb, sdvd, sdvh, sdvw, DV, DVP, NP)
     tl.store(gv_ptr + gv_offs, g_v.to(gv_ptr.dtype.element_ty), mask=v_mask)
 
     # this window's bias gradient: the score gradients summed per table entry
     for o in range(0, OFFSETS):
         g_entry = tl.sum(tl.sum(tl.where(pair_ok & (idx == o), g_s, 0.0), axis=1), axis=0)
-        tl.store(gbias_ptr + w.to(tl.int64) * OFFSETS + o, g_entry)
+        tl.store(gbias_ptr + window_id.to(tl.int64) * OFFSETS + o, g_entry)
 
 
 def _config(q: torch.Tensor, v: torch.Tensor, window: int) -> dict:
-    return dict(DKP=max(16, triton.next_power_of_2(q.shape[1])), DVP=max(16, triton.next_power_of_2(v.shape[1])),
-                NP=max(16, triton.next_power_of_2(window * window)),
-                PREC="ieee" if q.dtype == torch.float32 else None)  # fp32 products exact, not TF32
+    """The launch's constexprs and warps: the padded head widths and window tokens, the precision."""
+    return dict(SHIPPED_CONFIGS["window"].options(), DKP=padded(q.shape[1]), DVP=padded(v.shape[1]),
+                NP=padded(window * window), PREC=dot_precision(q.dtype))
 
 
 def window_attention_forward(q, k, v, bias, bias_idx, window: int, scale: float):
@@ -163,6 +169,15 @@ def window_attention_backward(grad_out, q, k, v, bias, bias_idx, rows, window: i
             **_config(q, v, window),
         )
     return g_q, g_k, g_v, g_bias_per_window.sum(dim=0).to(bias.dtype)
+
+
+def builds(all_configs: bool = False) -> list:
+    """Both kernels x dtype for GPU targets without a GPU, for 7x7 windows of a 64-wide value head
+    (one configuration: ``all_configs`` adds none)."""
+    return [kernel_build(kernel, "7x7 windows, Dv 64", dtype, SHIPPED_CONFIGS["window"], dict(DKP=16, DVP=64, NP=64),
+                         feature_pointers={"q_ptr", "k_ptr", "v_ptr", "out_ptr", "gout_ptr", "gq_ptr", "gk_ptr", "gv_ptr"},
+                         index_pointers={"idx_ptr"})
+            for kernel in (window_attention_fwd_kernel, window_attention_bwd_kernel) for dtype in BUILD_DTYPES]
 
 
 # torch.library registration: torch.compile traces through these ops without graph breaks.
@@ -218,10 +233,11 @@ def window_attention_triton(q, k, v, bias, bias_idx, window, scale):
 
 def unsupported_reason(q, k, v, bias, bias_idx, window, scale) -> str | None:
     """Why the fused kernel cannot serve these arguments, or None."""
-    if window * window > 64:
+    if window * window > MAX_WINDOW_TOKENS:
         return f"the fused windowed attention serves windows up to 8x8, got {window}x{window}"
-    if max(q.shape[1], v.shape[1]) > 128:
-        return f"the fused windowed attention serves head dimensions up to 128, got {q.shape[1]} and {v.shape[1]}"
+    if max(q.shape[1], v.shape[1]) > MAX_HEAD_DIM:
+        return (f"the fused windowed attention serves head dimensions up to {MAX_HEAD_DIM}, got {q.shape[1]} "
+                f"and {v.shape[1]}")
     return kernel_dtype_reason(q, "the fused windowed attention")
 
 

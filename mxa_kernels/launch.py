@@ -1,0 +1,77 @@
+"""What the kernel launchers of every op share: the launch-configuration type, the padding of sizes
+to Triton's block shapes, the matrix-product precision, and the description of a kernel build for a
+GPU target that Triton's compiler can make without a GPU (see tests/test_kernels_sm90.py).
+
+Imports no Triton, so that the op modules and the registry import without it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+# the dtypes a kernel is built for, by the names Triton's signatures use
+BUILD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A shipped launch configuration: its name, the warps per program and the tile sizes (constexprs)
+    it fixes; the sizes that follow from the problem (padded maps, head widths) are not part of it."""
+
+    name: str
+    num_warps: int
+    tiles: dict[str, int] = field(default_factory=dict)
+
+    def options(self) -> dict:
+        """The keyword arguments of a launch: the tile constexprs and ``num_warps``."""
+        return {**self.tiles, "num_warps": self.num_warps}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One kernel in one configuration and dtype, as Triton's compiler takes it: ``signature`` maps each
+    argument to its Triton type ("*fp16", "i32", "constexpr", ...), ``constexprs`` holds the values."""
+
+    kernel: object  # a triton.JITFunction
+    config: str  # what the configuration serves, for the report
+    dtype: str  # a key of BUILD_DTYPES
+    launch: LaunchConfig
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+
+
+def padded(n: int, least: int = 16) -> int:
+    """The power of two a size is padded to in a block, at least ``least`` (tl.dot's smallest side)."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input_precision: float32 products exact ("ieee"), not TF32; the default otherwise."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def kernel_build(kernel, config: str, dtype: str, launch: LaunchConfig, constexprs: dict, *,
+                 feature_pointers: set[str], index_pointers: set[str] = frozenset()) -> KernelBuild:
+    """The build of ``kernel`` with its pointer types given by the op's module: ``feature_pointers`` (the
+    names, among the module's kernels' arguments) point to tensors in the features' dtype,
+    ``index_pointers`` to int32, every other pointer to float32; scalars named
+    ``scale`` are fp32, other scalars i32. Strides of the last dimension (``s..w``) are 1 at run time,
+    which Triton makes constants, so they are built as such."""
+    constexprs = {**constexprs, **launch.tiles, "PREC": dot_precision(BUILD_DTYPES[dtype]),
+                  **{n: 1 for n in kernel.arg_names if re.fullmatch(r"s[a-z]+w", n)}}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in feature_pointers:
+            signature[name] = "*" + dtype
+        elif name in index_pointers:
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    return KernelBuild(kernel, config, dtype, launch, signature, constexprs)
