@@ -30,7 +30,6 @@ from . import timing
 from .cases import COMPILE_MODES, OTHER_MODELS, PROVIDERS, Case
 from .suites import KEY_RATIOS, SUITES, KeyRatio
 
-RESULTS_DIR = Path(__file__).parent / "results"
 # largest relative error against the reference provider's result before a record is a mismatch: a
 # sanity check against garbage (the tests check precisely, against float64). Half-precision gradients
 # are loose: the bf16 eager MXA branch's own weight gradients differ from float32 by up to 17 %.
@@ -316,34 +315,6 @@ def write_baseline(path: str | os.PathLike, ratios: dict[str, float], suite: str
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=sorted(SUITES), default="smoke",
-                        help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU "
-                             "(default: %(default)s)")
-    parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--cases", help="only these cases (comma list; --list shows them)")
-    parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDERS)})")
-    parser.add_argument("--batch", type=int, help="another batch size for every case")
-    parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
-                        help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")
-    parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
-    parser.add_argument("--baseline", metavar="FILE",
-                        help="also compare the key ratios with FILE, a baseline written on this machine by "
-                             "--write-baseline; exit 1 on a regression")
-    parser.add_argument("--write-baseline", metavar="FILE", help="write this run's key ratios to FILE as a baseline")
-    parser.add_argument("--tolerance", type=float, default=0.3,
-                        help="relative tolerance written by --write-baseline (default: %(default)s)")
-    parser.add_argument("--chart", metavar="PNG", help="draw the speed-ups per case to PNG")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="run nothing: read the records of FILE (JSON list or JSON lines) for --chart, --baseline")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="start no case (after the first) once this many seconds have passed; the run "
-                             "still writes its outputs")
-    parser.add_argument("--list", action="store_true", help="list the suite's cases and exit")
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
+import types
+import typing
 
 import torch
 
@@ -14,8 +17,54 @@ import mxa_model
 from mxa_model.train.distributed import default_device
 
 
-BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or skip: check every image up front, "
-                 "leave the bad ones out and count them (default: %(default)s)")
+# where a flag's name is not the --kebab-case of its config field (the spellings users, tests and the
+# README know); an on-by-default bool field's flag turns it off
+TRAIN_FLAGS = {"max_steps_per_epoch": "--max-steps", "progress": "--quiet"}
+DEMO_FLAGS = {"student": "--model", "student_epochs": "--epochs", "progress": "--quiet"}
+# the least value of each count or size, whatever the command (the exit status is 2 below it)
+AT_LEAST = {"batch_size": 1, "steps": 1, "img_size": 1, "num_classes": 1, "in_chans": 1, "epochs": 1,
+            "student_epochs": 1, "n_train": 1, "n_valid": 1, "teacher_epochs": 1, "max_steps_per_epoch": 1,
+            "workers": 0}
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``frontal,lateral`` -> ``("frontal", "lateral")``."""
+    return tuple(v.strip() for v in text.split(","))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, flags: dict[str, str]) -> None:
+    """One flag per field of the dataclass ``config_class`` (fields made with
+    :func:`mxa_model.train.config.setting`): ``--kebab-case`` of the field's name, or ``flags[name]``;
+    parsed into ``args.<name>``, typed by the annotation, with the field's help, choices and default."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, **_flag_options(f, hints[f.name], flag))
+
+
+def _flag_options(f: dataclasses.Field, hint, flag: str) -> dict:
+    """argparse options of the flag of field ``f``: a bool is a switch (one that turns an on-by-default
+    setting off, when True is its default); ``X | None`` takes an X; ``tuple[str, ...]`` a comma list."""
+    help = f.metadata["help"].replace("%", "%%")
+    if f.default is dataclasses.MISSING:
+        return dict(required=True, type=hint, help=help)
+    if hint is bool:
+        return dict(action="store_false" if f.default else "store_true", default=f.default,
+                    help=f"{'no ' if f.default else ''}{help} (default: off)")
+    kind, options = hint, dict(default=f.default, choices=f.metadata.get("choices"))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        kind = comma_list
+    if options["choices"] is None:
+        options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+    shown = f.metadata.get("shown") or (",".join(f.default) if isinstance(f.default, tuple) else f.default)
+    return dict(options, type=kind, help=f"{help} (default: {str(shown).replace('%', '%%')})")
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    """The ``config_class`` the flags of :func:`add_config_flags` describe."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -96,10 +145,7 @@ def demo(args: argparse.Namespace) -> int:
     briefly, distill an MXA student, evaluate it and write a report (AUC table, ROC curves, ROI overlays)."""
     from .pipeline import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output=args.output, n_train=args.n_train, n_valid=args.n_valid, img_size=args.img_size,
-                        teacher_epochs=args.teacher_epochs, student_epochs=args.epochs, student=args.model,
-                        roi_mode=args.roi_mode, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-                        backend=args.backend, progress=not args.quiet))
+    run_demo(config_from_args(DemoConfig, args))
     return 0
 
 
@@ -117,15 +163,7 @@ def train(args: argparse.Namespace) -> int:
     """Train a model (supervised, or distilled from --teacher) on a CheXpert-format folder."""
     from .train.loop import TrainConfig, train as run
 
-    cfg = TrainConfig(
-        data=args.data, output=args.output, model=args.model, epochs=args.epochs, img_size=args.img_size,
-        batch_size=args.batch_size, teacher=args.teacher, distill_type=args.distill_type, alpha=args.alpha,
-        tau=args.tau, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        clip_grad=args.clip_grad, clip_mode=args.clip_mode, ema_decay=args.ema_decay, amp=args.amp,
-        channels_last=args.channels_last, backend=args.backend, compile=args.compile, seed=args.seed,
-        workers=args.workers, roi_mode=args.roi_mode, policy=args.policy, views=tuple(v.strip() for v in args.views.split(",")),
-        augment=args.augment, resume=args.resume, device=args.device, progress=not args.quiet,
-        max_steps_per_epoch=args.max_steps, on_bad_data=args.on_bad_data, on_nonfinite=args.on_nonfinite)
+    cfg = config_from_args(TrainConfig, args)
     summary = run(cfg)
     if summary:
         print(f"checkpoints: {summary['last']} (last), {summary['best']} (best by validation mean AUC)")
@@ -173,37 +211,13 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .data.chexpert import ON_ERROR, UNCERTAINTY_POLICIES
-    from .predict import EXPORT_FORMATS
-    from .train.loop import AMP_MODES, CLIP_MODES
-    from .train.losses import DISTILL_TYPES
-    from mxa_bench.runner import add_arguments as bench_arguments
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .pipeline import DemoConfig
 
-    parser = argparse.ArgumentParser(prog="mxa", description="MXA Engine: MXA-EfficientViT chest X-ray classifiers.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_config_flags(p, DemoConfig, DEMO_FLAGS)
 
-    def command(name, fn, help):
-        p = commands.add_parser(name, help=help, description=fn.__doc__)
-        p.set_defaults(func=fn)
-        return p
 
-    p = command("demo", demo, "the main job on the embedded data (generate, teacher, distill, evaluate, report)")
-    p.add_argument("--output", default="mxa-demo", help="folder for data, checkpoints and report (default: %(default)s)")
-    p.add_argument("--model", default="mxa_efficientvit_m0", help="student model (default: %(default)s)")
-    p.add_argument("--roi-mode", choices=mxa_kernels.ROI_MODES, default="align", help="student ROI mode (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=1600, help="training images to generate (default: %(default)s)")
-    p.add_argument("--n-valid", type=int, default=300, help="validation images to generate (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=64, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--teacher-epochs", type=int, default=3, help="teacher epochs (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=5, help="student epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None, help="kernel backend (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = command("synth", synth, "write the embedded CheXpert-format data set")
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder to write CheXpert-v1.0-small/ into")
     p.add_argument("--n-train", type=int, default=2000, help="training images (default: %(default)s)")
     p.add_argument("--n-valid", type=int, default=300, help="validation images (default: %(default)s)")
@@ -212,84 +226,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("train", train, "train or distill a model on a CheXpert-format folder")
-    p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder (holding train.csv, valid.csv)")
-    p.add_argument("--output", required=True, help="folder for checkpoints (last.pt, best.pt) and log.csv")
-    p.add_argument("--model", default="mxa_efficientvit_m5", help="an MXA model, or densenet121 for the teacher "
-                                                                   "(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=224, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process (default: %(default)s)")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint: distill into a dual-head student")
-    p.add_argument("--distill-type", choices=DISTILL_TYPES, default="soft", help="(default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=1.0, help="distillation temperature (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.025, help="AdamW weight decay, not applied to "
-                                                                       "biases, norms and attention biases (default: %(default)s)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up (default: %(default)s)")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this value (default: off)")
-    p.add_argument("--clip-mode", choices=CLIP_MODES, default="norm", help="(default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=None, help="keep and evaluate an EMA of the weights, e.g. 0.999")
-    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision on a GPU: auto = bf16 "
-                                                                      "(default: %(default)s)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None, help="kernel backend (default: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (default: %(default)s)")
-    p.add_argument("--roi-mode", choices=mxa_kernels.ROI_MODES, default="crop", help="MXA ROI mode (default: %(default)s)")
-    p.add_argument("--policy", default="ones", help="uncertain labels: a default and per-label overrides, e.g. "
-                   f"'ones,Cardiomegaly=zeros'; policies: {', '.join(UNCERTAINTY_POLICIES)} (default: %(default)s)")
-    p.add_argument("--views", default="frontal", help="frontal, lateral or frontal,lateral (default: %(default)s)")
-    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = off (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch (smoke runs)")
-    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP)
-    p.add_argument("--on-nonfinite", choices=ON_ERROR, default="raise",
-                   help="a batch whose loss is NaN or Inf: stop naming the batch and its files, or skip it "
-                        "(no step) and count it in log.csv (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = command("eval", evaluate, "evaluate a checkpoint: per-label AUC, macro and micro means")
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train.config import TrainConfig
+
+    add_config_flags(p, TrainConfig, TRAIN_FLAGS)
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.chexpert import ON_ERROR
+    from .train.config import BAD_DATA_HELP
+
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder")
     p.add_argument("--split", default="valid", help="train, valid, or a CSV file (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--report-dir", default=None, help="write roc.png here")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default: %(default)s)")
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None)
-    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP)
+    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP + " (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
 
-    p = command("predict", predict, "per-finding probabilities for image or DICOM files")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", default=None, help="write the probabilities to this JSON file")
     p.add_argument("--overlay-dir", default=None, help="write an ROI box and heatmap overlay PNG per file here")
     p.add_argument("--device", default=None)
 
-    p = command("export", export, "export a checkpoint's model to TorchScript or ONNX")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from .predict import EXPORT_FORMATS
+
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript", help="(default: %(default)s)")
 
-    p = command("step-time", step_time, "build a model and time training steps on random data")
+
+def _step_time_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="training steps to time (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
-    p = command("bench", bench, "benchmark kernels, blocks and models: eager, triton, torch.compile, references")
-    bench_arguments(p)
 
-    p = command("backends", backends, "list the kernel backends and why any is unusable")
+def build_parser() -> argparse.ArgumentParser:
+    # the flags of `mxa bench` come from a module that imports neither torch nor the benchmark runner
+    from mxa_bench.arguments import add_arguments as bench_arguments
+
+    parser = argparse.ArgumentParser(prog="mxa", description="MXA Engine: MXA-EfficientViT chest X-ray classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn, help, add_arguments in (
+        ("demo", demo, "the main job on the embedded data (generate, teacher, distill, evaluate, report)",
+         _demo_arguments),
+        ("synth", synth, "write the embedded CheXpert-format data set", _synth_arguments),
+        ("train", train, "train or distill a model on a CheXpert-format folder", _train_arguments),
+        ("eval", evaluate, "evaluate a checkpoint: per-label AUC, macro and micro means", _eval_arguments),
+        ("predict", predict, "per-finding probabilities for image or DICOM files", _predict_arguments),
+        ("export", export, "export a checkpoint's model to TorchScript or ONNX", _export_arguments),
+        ("step-time", step_time, "build a model and time training steps on random data", _step_time_arguments),
+        ("bench", bench, "benchmark kernels, blocks and models: eager, triton, torch.compile, references",
+         bench_arguments),
+        ("backends", backends, "list the kernel backends and why any is unusable", None),
+    ):
+        p = commands.add_parser(name, help=help, description=fn.__doc__)
+        p.set_defaults(func=fn)
+        if add_arguments is not None:
+            add_arguments(p)
     return parser
+
+
+def _too_small(args: argparse.Namespace) -> str | None:
+    """The first count or size below its least value (AT_LEAST), as an error message."""
+    flags = {**TRAIN_FLAGS, **DEMO_FLAGS}
+    for name, least in AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            return f"{flags.get(name, '--' + name.replace('_', '-'))} must be at least {least}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,12 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "steps", "img_size", "num_classes", "in_chans", "epochs", "n_train", "n_valid",
-                 "teacher_epochs", "max_steps", "workers"):
-        value, least = getattr(args, name, None), 0 if name == "workers" else 1
-        if value is not None and value < least:
-            print(f"mxa: error: --{name.replace('_', '-')} must be at least {least}", file=sys.stderr)
-            return 2
+    problem = _too_small(args)
+    if problem is not None:
+        print(f"mxa: error: {problem}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, CheckpointError,

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from .data import CheXpertDataset, eval_transform, load_image
 from .data.labels import FINDINGS_FILE
+from .inference import EVAL_POLICY, predict
 from .metrics import auc_report, box_iou, plot_roc
 from .train import distributed
 from .train.checkpoint import model_from_checkpoint
-from .train.loop import EVAL_POLICY, predict
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", json_path: str | Path | None = None,
-             report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 0, device: str | None = None,
+             report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 2, device: str | None = None,
              backend: str | None = None, progress: bool = True, on_bad_data: str = "raise") -> dict:
     """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``.
     ``on_bad_data="skip"`` checks every image first and leaves out (and lists in ``skipped``) the

@@ -8,33 +8,42 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mxa_kernels
+
 from .data.labels import DATASET_FOLDER
-from .data.synth import generate
 from .evaluate import evaluate, read_findings
 from .metrics import format_auc, format_auc_table
 from .predict import predict_files
+from .train.config import setting
 from .train.loop import TrainConfig, train
 
 
 @dataclass
 class DemoConfig:
-    output: str = "mxa-demo"
-    n_train: int = 1600
-    n_valid: int = 300
-    img_size: int = 64
-    teacher_epochs: int = 3
-    student_epochs: int = 5
-    student: str = "mxa_efficientvit_m0"
-    roi_mode: str = "align"
-    batch_size: int = 32
-    augment: float = 0.5  # milder than for real data: the generator already varies pose and exposure
-    workers: int = 2
-    seed: int = 0
-    backend: str | None = None
-    progress: bool = True
+    """The main job's settings; each field is an ``mxa demo`` flag (the field's name in kebab case, but for
+    those ``mxa_model.cli.DEMO_FLAGS`` names otherwise)."""
+
+    output: str = setting("mxa-demo", "folder for data, checkpoints and report")
+    n_train: int = setting(1600, "training images to generate")
+    n_valid: int = setting(300, "validation images to generate")
+    img_size: int = setting(64, "image side in pixels")
+    teacher_epochs: int = setting(3, "teacher epochs")
+    student_epochs: int = setting(5, "student epochs")
+    student: str = setting("mxa_efficientvit_m0", "student model")
+    roi_mode: str = setting("align", "student ROI mode", mxa_kernels.ROI_MODES)
+    batch_size: int = setting(32, "images per step")
+    # milder than for real data: the generator already varies pose and exposure
+    augment: float = setting(0.5, "augmentation strength of both trainings, 0 = off")
+    workers: int = setting(2, "data loader worker processes (0: load in the main process)")
+    seed: int = setting(0, "random seed")
+    backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
+    progress: bool = setting(True, "progress bars")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    # here, not at the top: `mxa` builds its parser from DemoConfig, and `mxa bench` runs without pydicom
+    from .data.synth import generate
+
     out = Path(cfg.output)
     started = time.perf_counter()
     timings = {}

@@ -1,6 +1,8 @@
 """The ``mxa`` command line: smoke runs of every subcommand on a tiny embedded data set, the eval JSON
 contract, and one-line errors that name the culprit."""
 
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import torch
 import mxa_kernels
 from mxa_model import cli
 from mxa_model.data import LABELS
+from mxa_model.pipeline import DemoConfig
+from mxa_model.train.config import TrainConfig
 from mxa_model.train.distributed import default_device
 
 
@@ -117,3 +121,78 @@ def test_commands_that_read_no_images_run_without_pydicom():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "efficientvit_m5" in result.stdout and "eager" in result.stdout
+
+
+def help_text(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, config_class, flags, required", [
+    ("train", TrainConfig, cli.TRAIN_FLAGS, {"data": "DIR", "output": "OUT"}),
+    ("demo", DemoConfig, cli.DEMO_FLAGS, {}),
+])
+def test_every_config_field_is_a_flag_with_the_dataclass_default(capsys, command, config_class, flags, required):
+    """The flags are built from the dataclass: one default per setting, which cannot drift."""
+    argv = [command, *(arg for name, value in required.items() for arg in ("--" + name, value))]
+    args = vars(cli.build_parser().parse_args(argv))
+    out = help_text(capsys, command)
+    for f in dataclasses.fields(config_class):
+        assert f.name in args, f"{command}: no flag for {f.name}"
+        if f.default is not dataclasses.MISSING:
+            assert args[f.name] == f.default, (command, f.name)
+        assert flags.get(f.name, "--" + f.name.replace("_", "-")) in out, (command, f.name)
+    defaults = [f for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING]
+    assert out.count("(default:") == len(defaults)  # --help names every default
+    assert cli.config_from_args(config_class, cli.build_parser().parse_args(argv)) == config_class(**required)
+
+
+def test_train_flags_keep_their_spellings():
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--output", "o", "--max-steps", "3", "--quiet",
+                                          "--views", "frontal, lateral", "--clip-grad", "1", "--ema-decay", "0.9",
+                                          "--channels-last", "--resume", "--workers", "0", "--teacher", "t.pt"])
+    cfg = cli.config_from_args(TrainConfig, args)
+    assert (cfg.max_steps_per_epoch, cfg.progress, cfg.views) == (3, False, ("frontal", "lateral"))
+    assert (cfg.clip_grad, cfg.ema_decay, cfg.channels_last, cfg.resume, cfg.workers) == (1.0, 0.9, True, True, 0)
+    assert cfg.teacher == "t.pt" and TrainConfig("d", "o").workers == 2  # the one workers default, CLI and API
+    demo = cli.config_from_args(DemoConfig, cli.build_parser().parse_args(["demo", "--epochs", "2", "--model", "m",
+                                                                           "--augment", "0", "--quiet"]))
+    assert (demo.student_epochs, demo.student, demo.augment, demo.progress) == (2, "m", 0.0, False)
+
+
+def test_too_small_counts_name_the_flag_users_type(capsys):
+    assert cli.main(["train", "--data", "d", "--output", "o", "--max-steps", "0"]) == 2
+    assert "--max-steps must be at least 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_flags_have_the_defaults_of_evaluate():
+    from mxa_model.evaluate import evaluate
+
+    args = vars(cli.build_parser().parse_args(["eval", "--checkpoint", "c", "--data", "d"]))
+    parameters = inspect.signature(evaluate).parameters
+    for name in ("split", "batch_size", "workers", "device", "backend", "on_bad_data"):
+        assert args[name] == parameters[name].default, name
+
+
+@pytest.mark.slow
+def test_building_the_parser_imports_no_benchmark_code():
+    code = ("import sys; from mxa_model.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith('mxa_bench.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['mxa_bench.arguments']"
+    code = "import sys, mxa_bench.arguments; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mxa_model')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+
+
+def test_bench_argument_names_match_the_suites_and_providers():
+    from mxa_bench import arguments
+    from mxa_bench.cases import PROVIDERS
+    from mxa_bench.suites import SUITES
+
+    assert arguments.SUITE_NAMES == tuple(SUITES)
+    assert arguments.PROVIDER_NAMES == tuple(PROVIDERS)

@@ -95,3 +95,29 @@ def test_two_gloo_processes_count_every_validation_image_once(data, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["valid"]["n_samples"] == N_VALID
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_tensorboard_gets_each_epochs_scalars_when_installed(data, tmp_path, monkeypatch):
+    calls = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def add_scalar(self, key, value, step):
+            calls.append((key, step))
+
+        def close(self):
+            calls.append("closed")
+    monkeypatch.setattr(loop, "_tensorboard", lambda out: Writer())
+    train(config(data, tmp_path, ema_decay=None, max_steps_per_epoch=1))
+    assert {("train_loss", 1), ("images_per_s", 1), ("train_loss", 2), ("images_per_s", 2)} <= set(calls[:-1])
+    assert calls[-1] == "closed"
+
+
+@pytest.mark.slow
+def test_evaluation_imports_no_training_code():
+    """Batch inference lives in mxa_model.inference: `import mxa_model.evaluate` loads neither the trainer
+    nor the losses (only the checkpoint format and the distributed gather of mxa_model.train)."""
+    code = "import sys, mxa_model.evaluate; print(sorted(m for m in sys.modules if m.startswith('mxa_model.train')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(sorted(["mxa_model.train", "mxa_model.train.checkpoint",
+                                                "mxa_model.train.distributed"]))

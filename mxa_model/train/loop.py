@@ -6,6 +6,11 @@ epoch), and the checkpoint written at its end holds every RNG state, so a single
 interrupted at any point and resumed from its last checkpoint ends with the same weights as an
 uninterrupted run (deterministic CPU run). Under DDP each rank seeds its own augmentations; a resumed
 DDP run restores rank 0's states only.
+
+A run goes through phases that share one :class:`Run`: the data (:func:`_load_data`), the model and
+optimizer (:func:`_build_run`, then :func:`_wrap_for_steps` once the resume has loaded the weights),
+the resume (:func:`_resume_from_checkpoint`), and per epoch the training steps (:func:`_train_epoch`),
+the validation (:func:`_validate`) and the log row and checkpoints (:func:`_write_epoch`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,89 +31,84 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
-from ..data.chexpert import ON_ERROR, describe_skipped
+from ..data.chexpert import describe_skipped
+from ..inference import EVAL_POLICY, predict
 from ..metrics import auc_report, format_auc
 from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_from_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
-from .losses import DISTILL_TYPES, distillation_loss, supervised_loss
+from .config import AMP_MODES, CLIP_MODES, RESUME_FIELDS, TrainConfig, model_kwargs
+from .losses import distillation_loss, supervised_loss
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-EVAL_POLICY = "ignore"
-CLIP_MODES = ("norm", "agc", "value")
+__all__ = ["AMP_MODES", "CLIP_MODES", "EVAL_POLICY", "LOG_FIELDS", "RESUME_FIELDS", "TrainConfig",
+           "model_kwargs", "predict", "train"]
+
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
               "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run depends on; each field is the ``mxa train`` flag of the same name."""
+class TrainData:
+    """The data phase's result."""
 
-    data: str
-    output: str
-    model: str = "mxa_efficientvit_m5"
-    epochs: int = 10
-    img_size: int = 224
-    batch_size: int = 32
-    teacher: str | None = None  # a teacher checkpoint: distill into the model
-    distill_type: str = "soft"
-    alpha: float = 0.5
-    tau: float = 1.0
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.025
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
-    ema_decay: float | None = None
-    amp: str = "auto"
-    channels_last: bool = False
-    backend: str | None = None
-    compile: bool = False
-    seed: int = 0
-    workers: int = 0
-    roi_mode: str = "crop"
-    policy: str = "ones"
-    views: tuple[str, ...] = ("frontal",)
-    augment: float = 1.0
-    resume: bool = False
-    device: str | None = None
-    progress: bool = True
-    max_steps_per_epoch: int | None = None  # a short run (tests, smoke runs)
-    on_bad_data: str = "raise"  # "skip": malformed CSV rows and unreadable images are left out and counted
-    on_nonfinite: str = "raise"  # "skip": a batch with a non-finite loss is skipped (no step) and counted
-
-    def check(self) -> None:
-        if self.distill_type not in DISTILL_TYPES:
-            raise ValueError(f"--distill-type must be one of {', '.join(DISTILL_TYPES)}, got {self.distill_type!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        for name in ("on_bad_data", "on_nonfinite"):
-            if getattr(self, name) not in ON_ERROR:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_ERROR)}, got {getattr(self, name)!r}")
-        if self.clip_mode not in CLIP_MODES:
-            raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
-        for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.alpha <= 1 or self.tau <= 0:
-            raise ValueError(f"--alpha must be in [0, 1] and --tau positive, got {self.alpha} and {self.tau}")
-        if self.teacher is not None and not Path(self.teacher).is_file():
-            raise FileNotFoundError(f"teacher checkpoint not found: {self.teacher}")
+    train_set: CheXpertDataset
+    valid_set: CheXpertDataset
+    labels: list[str]
+    steps_per_epoch: int
 
 
-def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
-    """Construction arguments of the model ``cfg`` names (stored in checkpoints)."""
-    kwargs = {"num_classes": num_classes, "in_chans": 1}
-    if cfg.model.startswith("mxa_"):
-        kwargs.update(img_size=cfg.img_size, roi_mode=cfg.roi_mode, distilled=cfg.teacher is not None)
-    return kwargs
+@dataclass
+class Run:
+    """What the phases of one run share: :func:`_build_run` makes it, :func:`_resume_from_checkpoint`
+    restores it from a checkpoint, each epoch advances it."""
+
+    cfg: TrainConfig
+    ctx: distributed.Context
+    data: TrainData
+    model_kwargs: dict
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    forward_model: torch.nn.Module | None = None  # what the steps call: the model under DDP and torch.compile
+    start_epoch: int = 0
+    step: int = 0
+    best_score: float = -math.inf  # the best validation mean AUC so far
+    log_rows: list[dict] = field(default_factory=list)
+    tensorboard: object = None  # a SummaryWriter on the main process, when tensorboard is installed
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.csv"
+
+    def say(self, *args, **kwargs) -> None:
+        """Print, on the main process only."""
+        if self.ctx.main:
+            print(*args, **kwargs)
 
 
-# settings a resumed run must share with the run that wrote the checkpoint (schedule, data, loss)
-RESUME_FIELDS = ("epochs", "img_size", "batch_size", "teacher", "distill_type", "alpha", "tau", "lr", "min_lr",
-                 "weight_decay", "warmup_epochs", "ema_decay", "seed", "policy", "augment", "max_steps_per_epoch",
-                 "on_bad_data")
+@dataclass
+class EpochStats:
+    """What one epoch's training steps measured."""
+
+    train_loss: float | None  # None when every batch was skipped
+    images_per_s: float
+    skipped: int
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -131,32 +131,6 @@ def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, tra
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, num_workers=cfg.workers, drop_last=train and len(dataset) > cfg.batch_size,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=False)
-
-
-@torch.no_grad()
-def predict(model, loader, ctx: distributed.Context, dtype=None, channels_last=False, progress=False, desc="eval"):
-    """Sigmoid probabilities, targets, masks and dataset indices of every sample, once each; non-finite
-    outputs raise ``FloatingPointError`` naming the images (a :class:`CheXpertDataset` loader)."""
-    model.eval()
-    rows = {"index": [], "probs": [], "targets": [], "mask": []}
-    for images, targets, mask, index in tqdm(loader, desc=desc, disable=not (progress and ctx.main), leave=False):
-        images = images.to(ctx.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-        rows["probs"].append(torch.sigmoid(logits.float()).cpu())
-        rows["targets"].append(targets)
-        rows["mask"].append(mask)
-        rows["index"].append(index)
-    index, probs, targets, mask = distributed.gather_by_index(ctx, *(torch.cat(rows[k]) for k in ("index", "probs", "targets", "mask")))
-    bad = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
-    if bad:
-        records = loader.dataset.records
-        files = [str(records[int(index[i])].path) for i in bad[:5]]
-        raise FloatingPointError(f"the model gave non-finite outputs for {len(bad)} image(s): {', '.join(files)}"
-                                 + (" ..." if len(bad) > 5 else ""))
-    return probs, targets, mask, index
 
 
 def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
@@ -186,11 +160,32 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
-    out = Path(cfg.output)
-    say = print if ctx.main else (lambda *a, **k: None)
+    """The phases, in order; the summary of the last epoch run ({} when none was left to run)."""
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
+    run = _build_run(cfg, ctx, _load_data(cfg, ctx))
+    _resume_from_checkpoint(run)
+    _wrap_for_steps(run)
+    run.tensorboard = _tensorboard(run.out) if ctx.main else None
+    run.say(f"training {cfg.model} ({sum(p.numel() for p in run.model.parameters()):,} parameters) on "
+            f"{len(run.data.train_set)} images, validating on {len(run.data.valid_set)}, {ctx.world_size} "
+            f"process(es) on {ctx.device}" + (f", distilling from {cfg.teacher}" if run.teacher is not None else ""))
+    summary = {}
+    for epoch in range(run.start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        stats = _train_epoch(run, epoch, started)
+        report, ema_report = _validate(run, epoch)
+        summary = _write_epoch(run, epoch, started, stats, report, ema_report)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+    if ctx.main and summary:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _load_data(cfg: TrainConfig, ctx: distributed.Context) -> TrainData:
+    """The data phase: the training and validation sets, and the steps each epoch takes."""
     policy = UncertaintyPolicy.parse(cfg.policy)
     # --on-bad-data skip: every image is decoded once up front, so that a bad one is left out (and
     # counted) before training rather than stopping it halfway
@@ -201,14 +196,25 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     valid_set = CheXpertDataset(cfg.data, "valid", policy=EVAL_POLICY, views=cfg.views,
                                 transform=eval_transform(cfg.img_size), seed=cfg.seed, **faults)
     for dataset in (train_set, valid_set):
-        if dataset.skipped:
-            say(f"--on-bad-data skip: {describe_skipped(dataset.skipped)} of {dataset.csv_path}")
-    labels = list(train_set.labels)
+        if dataset.skipped and ctx.main:
+            print(f"--on-bad-data skip: {describe_skipped(dataset.skipped)} of {dataset.csv_path}")
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
                          f"({len(train_set)} train, {len(valid_set)} valid)")
+    steps_per_epoch = len(_loader(train_set, cfg, ctx, 0, train=True))
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set) // ctx.world_size} training "
+                         f"images each of {ctx.world_size} process(es) gets: lower it")
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    return TrainData(train_set, valid_set, list(train_set.labels), steps_per_epoch)
 
-    kwargs = model_kwargs(cfg, len(labels))
+
+def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> Run:
+    """The model and optimizer phase: the model, the teacher, AdamW, the cosine schedule, the gradient
+    scaler and the EMA, freshly initialized (:func:`_resume_from_checkpoint` loads a checkpoint into
+    them)."""
+    kwargs = model_kwargs(cfg, len(data.labels))
     model = build_model(cfg.model, kwargs)
     if cfg.backend is not None and hasattr(model, "set_backend"):
         model.set_backend(cfg.backend)
@@ -220,184 +226,233 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         teacher, _ = model_from_checkpoint(cfg.teacher)
         teacher.to(ctx.device).eval().requires_grad_(False)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(_loader(train_set, cfg, ctx, 0, train=True))
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set) // ctx.world_size} training "
-                         f"images each of {ctx.world_size} process(es) gets: lower it")
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    steps = data.steps_per_epoch
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+        optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
         warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
     amp_dtype = _amp_dtype(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    # a copy of the model's weights as they are now; a resumed run loads the checkpoint's EMA weights into it
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    return Run(cfg, ctx, data, kwargs, model, teacher, ema, optimizer, scheduler, scaler, amp_dtype)
 
-    start_epoch, best, step = 0, -math.inf, 0
-    last, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.csv"
-    state = None
-    if cfg.resume and ctx.main:
-        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
-            stale.unlink(missing_ok=True)
-            say(f"removed {stale}, the partial checkpoint write of the run that was stopped")
-    if cfg.resume and last.exists():
-        state = load_checkpoint(last)
-        if state["model_name"] != cfg.model or state["model_kwargs"] != kwargs:
-            raise CheckpointError(f"{last} holds a {state['model_name']} {state['model_kwargs']} run, "
-                                  f"not this {cfg.model} {kwargs} one: use another --output")
-        saved = state["config"]
-        # a setting that a checkpoint predates had its default then
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        wanted = {k: json.loads(json.dumps(getattr(cfg, k), default=str)) for k in RESUME_FIELDS}
-        changed = [f"{k} {saved.get(k, defaults[k])} -> {v}" for k, v in wanted.items() if saved.get(k, defaults[k]) != v]
-        if changed:
-            raise CheckpointError(f"--resume: {last} was written with other settings ({', '.join(changed)}); "
-                                  "resume with the same ones, or use another --output")
-        load_weights(model, state["model"], last, cfg.model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, step = state["epoch"] + 1, state["best_auc"], state["step"]
-        if ctx.main:
-            set_rng_state(state["rng"])
-        say(f"resumed from {last}: epoch {state['epoch'] + 1} of {cfg.epochs} done")
-    elif cfg.resume:
-        say(f"--resume: no checkpoint at {last} yet, starting afresh")
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None  # built after the weights load
-    if ema is not None and state is not None:
-        load_weights(ema.module, state["model_ema"], last, cfg.model)
-    if start_epoch >= cfg.epochs:
-        say(f"nothing to do: all {cfg.epochs} epochs of {out} are done")
-    log_rows = _read_log(log_path, start_epoch - 1) if ctx.main else []
 
-    forward_model = model
-    if ctx.distributed:
+def _wrap_for_steps(run: Run) -> None:
+    """The rest of the model phase, once :func:`_resume_from_checkpoint` has loaded the weights: DDP
+    (which broadcasts rank 0's weights as it wraps) and torch.compile around the model, as
+    ``run.forward_model``."""
+    forward_model = run.model
+    if run.ctx.distributed:
         # the authors' crop never trains its ROI predictor: those parameters get no gradient
-        frozen_roi = any(m.roi_mode == "crop" for m in getattr(model, "mxa_modules", list)())
+        frozen_roi = any(m.roi_mode == "crop" for m in getattr(run.model, "mxa_modules", list)())
         forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            run.model, device_ids=[run.ctx.device.index] if run.ctx.device.type == "cuda" else None,
             find_unused_parameters=frozen_roi)
-    if cfg.compile:
+    if run.cfg.compile:
         forward_model = torch.compile(forward_model)
-    writer = _tensorboard(out) if ctx.main else None
-    say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {len(train_set)} "
-        f"images, validating on {len(valid_set)}, {ctx.world_size} process(es) on {ctx.device}"
-        + (f", distilling from {cfg.teacher}" if teacher is not None else ""))
-    summary = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        train_set.set_epoch(epoch)
-        loader = _loader(train_set, cfg, ctx, epoch, train=True)
-        model.train()
-        total, count, seen, skipped = 0.0, 0, 0, 0
-        # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
-        buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for b in m.buffers(recurse=False)] if cfg.on_nonfinite == "skip" else []
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.main))
-        for batch_no, (images, targets, mask, index) in enumerate(bar):
-            if batch_no >= steps_per_epoch:
-                break
-            images = images.to(ctx.device, non_blocking=True)
-            targets, mask = targets.to(ctx.device), mask.to(ctx.device)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            saved = [b.clone() for b in buffers]
-            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = forward_model(images)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                    loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
-                else:
-                    loss = supervised_loss(outputs, targets, mask)
-            loss_value = loss.item()  # the step's one host sync: the check and the progress figures
-            if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank acts alike, none waits
-                # each process names its own share of the batch
-                if math.isfinite(loss_value):
-                    where = f"a non-finite loss in another process at epoch {epoch + 1}, batch {batch_no + 1}"
-                else:
-                    where = _nonfinite_report(loss_value, images, index, train_set, epoch, batch_no)
-                    where = f"process {ctx.rank}: {where}" if ctx.distributed else where
-                if cfg.on_nonfinite == "raise":
-                    raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
-                skipped += 1
-                torch._foreach_copy_(buffers, saved)
-                if not math.isfinite(loss_value):
-                    print(f"\n--on-nonfinite skip: {where}: batch skipped", flush=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            total += loss_value * images.shape[0]
-            count += images.shape[0]
-            seen += images.shape[0] * ctx.world_size
-            bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
-        bar.close()
-        images_per_s = seen / (time.perf_counter() - started)
+    run.forward_model = forward_model
 
-        distributed.sync_buffers(ctx, model)  # every rank validates (and rank 0 saves) the same model
-        if ema is not None:
-            distributed.sync_buffers(ctx, ema.module)
-        valid_loader = _loader(valid_set, cfg, ctx, epoch, train=False)
-        report = auc_report(*predict(model, valid_loader, ctx, amp_dtype, cfg.channels_last, cfg.progress)[:3], labels)
-        ema_report = None
-        if ema is not None:
-            ema_report = auc_report(*predict(ema.module, valid_loader, ctx, amp_dtype, cfg.channels_last)[:3], labels)
-        used = ema_report or report  # the weights eval and predict load (the EMA's, when kept)
-        score = -math.inf if used["auc_macro"] is None else used["auc_macro"]
-        is_best = score > best or not best_path.exists()
-        best = max(best, score)
-        save_error = None
-        if ctx.main:
-            # the log row first: a crash before the checkpoint lands leaves a row that resume drops
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / count if count else None,
-                   "images_per_s": images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
-                   "auc_competition": report["auc_competition"],
-                   "ema_auc_macro": ema_report and ema_report["auc_macro"],
-                   "ema_auc_micro": ema_report and ema_report["auc_micro"], "skipped_batches": skipped,
-                   "seconds": time.perf_counter() - started}
-            log_rows.append(row)
-            _write_log(log_path, log_rows)
-            state = {
-                "model_name": cfg.model, "model_kwargs": kwargs, "labels": labels,
-                "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "best_auc": best, "rng": rng_state(),
-                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                "valid": {k: used[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
-            }
-            try:
-                save_checkpoint(last, state)
-                if is_best:
-                    save_checkpoint(best_path, state)
-            except CheckpointError as exc:
-                save_error = exc
-        if not distributed.broadcast_flag(ctx, save_error is None):  # every rank stops, none waits
-            raise save_error or CheckpointError(f"rank 0 could not write its checkpoint in {out}")
-        if ctx.main:
-            if writer is not None:
-                for key in ("train_loss", "auc_macro", "auc_micro", "images_per_s"):
-                    if row[key] is not None:
-                        writer.add_scalar(key, row[key], epoch + 1)
-            shown = format_auc(report["auc_macro"]) + (f", EMA {format_auc(ema_report['auc_macro'])}" if ema_report else "")
-            loss_shown = "none (every batch skipped)" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_shown}, {images_per_s:.1f} images/s, "
-                f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
-        distributed.barrier(ctx)
-        summary = {"output": str(out), "last": str(last), "best": str(best_path),
-                   "best_auc_macro": None if best == -math.inf else best, "epochs": cfg.epochs, "valid": used}
-    if writer is not None:
-        writer.close()
-    if ctx.main and summary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+def _resume_from_checkpoint(run: Run) -> None:
+    """The resume phase (``--resume``): model, EMA, optimizer, schedule, scaler, counters and (main process)
+    RNG states from ``OUTPUT/last.pt``, and the log rows of the epochs it holds."""
+    cfg, last = run.cfg, run.last_path
+    if cfg.resume and run.ctx.main:
+        for stale in run.out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
+            stale.unlink(missing_ok=True)
+            run.say(f"removed {stale}, the partial checkpoint write of the run that was stopped")
+    if cfg.resume and last.exists():
+        checkpoint = load_checkpoint(last)
+        _check_resumable(run, checkpoint)
+        load_weights(run.model, checkpoint["model"], last, cfg.model)
+        if run.ema is not None:
+            load_weights(run.ema.module, checkpoint["model_ema"], last, cfg.model)
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        run.scaler.load_state_dict(checkpoint["scaler"])
+        run.start_epoch, run.best_score, run.step = checkpoint["epoch"] + 1, checkpoint["best_auc"], checkpoint["step"]
+        if run.ctx.main:
+            set_rng_state(checkpoint["rng"])
+        run.say(f"resumed from {last}: epoch {checkpoint['epoch'] + 1} of {cfg.epochs} done")
+    elif cfg.resume:
+        run.say(f"--resume: no checkpoint at {last} yet, starting afresh")
+    if run.start_epoch >= cfg.epochs:
+        run.say(f"nothing to do: all {cfg.epochs} epochs of {run.out} are done")
+    run.log_rows = _read_log(run.log_path, run.start_epoch - 1) if run.ctx.main else []
+
+
+def _check_resumable(run: Run, checkpoint: dict) -> None:
+    """Refuse a checkpoint of another model, or written with other schedule, data or loss settings."""
+    cfg, last = run.cfg, run.last_path
+    if checkpoint["model_name"] != cfg.model or checkpoint["model_kwargs"] != run.model_kwargs:
+        raise CheckpointError(f"{last} holds a {checkpoint['model_name']} {checkpoint['model_kwargs']} run, "
+                              f"not this {cfg.model} {run.model_kwargs} one: use another --output")
+    written_with = checkpoint["config"]
+    # a setting that a checkpoint predates had its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    wanted = {k: json.loads(json.dumps(getattr(cfg, k), default=str)) for k in RESUME_FIELDS}
+    changed = [f"{k} {written_with.get(k, defaults[k])} -> {v}" for k, v in wanted.items()
+               if written_with.get(k, defaults[k]) != v]
+    if changed:
+        raise CheckpointError(f"--resume: {last} was written with other settings ({', '.join(changed)}); "
+                              "resume with the same ones, or use another --output")
+
+
+def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
+    """One epoch's training steps (at most ``data.steps_per_epoch``), with a progress bar."""
+    cfg, ctx, data = run.cfg, run.ctx, run.data
+    data.train_set.set_epoch(epoch)
+    loader = _loader(data.train_set, cfg, ctx, epoch, train=True)
+    run.model.train()
+    total, count, seen, skipped = 0.0, 0, 0, 0
+    # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
+    bn_buffers = [b for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                  for b in m.buffers(recurse=False)] if cfg.on_nonfinite == "skip" else []
+    bar = tqdm(loader, total=data.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and ctx.main))
+    for batch_no, (images, targets, mask, index) in enumerate(bar):
+        if batch_no >= data.steps_per_epoch:
+            break
+        images = images.to(ctx.device, non_blocking=True)
+        targets, mask = targets.to(ctx.device), mask.to(ctx.device)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        bn_backup = [b.clone() for b in bn_buffers]
+        loss = _loss(run, images, targets, mask)
+        loss_value = loss.item()  # the step's one host sync: the check and the progress figures
+        if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank acts alike, none waits
+            _skip_or_raise(run, loss_value, images, index, epoch, batch_no)
+            skipped += 1
+            torch._foreach_copy_(bn_buffers, bn_backup)
+            continue
+        _optimizer_step(run, loss)
+        total += loss_value * images.shape[0]
+        count += images.shape[0]
+        seen += images.shape[0] * ctx.world_size
+        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    bar.close()
+    return EpochStats(total / count if count else None, seen / (time.perf_counter() - started), skipped)
+
+
+def _loss(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch's loss: supervised, or distilled from the teacher."""
+    cfg = run.cfg
+    with torch.autocast(run.ctx.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        outputs = run.forward_model(images)
+        if run.teacher is None:
+            return supervised_loss(outputs, targets, mask)
+        with torch.no_grad():
+            teacher_logits = run.teacher(images)
+        return distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
+
+
+def _optimizer_step(run: Run, loss: torch.Tensor) -> None:
+    """Backward, optional clipping, the (scaled) optimizer step, the schedule and the EMA."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        dispatch_clip_grad(run.model.parameters(), run.cfg.clip_grad, mode=run.cfg.clip_mode)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    run.scheduler.step_update(run.step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+
+
+def _skip_or_raise(run: Run, loss_value: float, images: torch.Tensor, index: torch.Tensor, epoch: int,
+                   batch_no: int) -> None:
+    """A batch whose loss is not finite on some rank: raise naming it (``--on-nonfinite raise``), or say
+    that it is skipped."""
+    # each process names its own share of the batch
+    if math.isfinite(loss_value):
+        where = f"a non-finite loss in another process at epoch {epoch + 1}, batch {batch_no + 1}"
+    else:
+        where = _nonfinite_report(loss_value, images, index, run.data.train_set, epoch, batch_no)
+        where = f"process {run.ctx.rank}: {where}" if run.ctx.distributed else where
+    if run.cfg.on_nonfinite == "raise":
+        raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
+    if not math.isfinite(loss_value):
+        print(f"\n--on-nonfinite skip: {where}: batch skipped", flush=True)
+
+
+def _validate(run: Run, epoch: int) -> tuple[dict, dict | None]:
+    """The validation phase: the AUC report of the model, and of its EMA when kept."""
+    cfg, ctx = run.cfg, run.ctx
+    distributed.sync_buffers(ctx, run.model)  # every rank validates (and rank 0 saves) the same model
+    if run.ema is not None:
+        distributed.sync_buffers(ctx, run.ema.module)
+    valid_loader = _loader(run.data.valid_set, cfg, ctx, epoch, train=False)
+    report = auc_report(*predict(run.model, valid_loader, ctx, run.amp_dtype, cfg.channels_last, cfg.progress)[:3],
+                        run.data.labels)
+    ema_report = None
+    if run.ema is not None:
+        ema_report = auc_report(*predict(run.ema.module, valid_loader, ctx, run.amp_dtype, cfg.channels_last)[:3],
+                                run.data.labels)
+    return report, ema_report
+
+
+def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report: dict,
+                 ema_report: dict | None) -> dict:
+    """The writing phase: the log row, ``last.pt`` and (by validation mean AUC) ``best.pt`` on the main
+    process, TensorBoard scalars and the epoch's line; returns the run's summary so far."""
+    ctx = run.ctx
+    used = ema_report or report  # the weights eval and predict load (the EMA's, when kept)
+    score = -math.inf if used["auc_macro"] is None else used["auc_macro"]
+    is_best = score > run.best_score or not run.best_path.exists()
+    run.best_score = max(run.best_score, score)
+    save_error, row = None, None
+    if ctx.main:
+        # the log row first: a crash before the checkpoint lands leaves a row that resume drops
+        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats.train_loss,
+               "images_per_s": stats.images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
+               "auc_competition": report["auc_competition"],
+               "ema_auc_macro": ema_report and ema_report["auc_macro"],
+               "ema_auc_micro": ema_report and ema_report["auc_micro"], "skipped_batches": stats.skipped,
+               "seconds": time.perf_counter() - started}
+        run.log_rows.append(row)
+        _write_log(run.log_path, run.log_rows)
+        save_error = _save_checkpoints(run, epoch, used, is_best)
+    if not distributed.broadcast_flag(ctx, save_error is None):  # every rank stops, none waits
+        raise save_error or CheckpointError(f"rank 0 could not write its checkpoint in {run.out}")
+    if ctx.main:
+        _show_epoch(run, epoch, row, report, ema_report, is_best)
+    distributed.barrier(ctx)
+    return {"output": str(run.out), "last": str(run.last_path), "best": str(run.best_path),
+            "best_auc_macro": None if run.best_score == -math.inf else run.best_score, "epochs": run.cfg.epochs,
+            "valid": used}
+
+
+def _save_checkpoints(run: Run, epoch: int, used: dict, is_best: bool) -> CheckpointError | None:
+    """Write ``last.pt`` (and ``best.pt``) atomically; the error, if one could not be written."""
+    snapshot = {
+        "model_name": run.cfg.model, "model_kwargs": run.model_kwargs, "labels": run.data.labels,
+        "model": run.model.state_dict(), "model_ema": run.ema.module.state_dict() if run.ema is not None else None,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step, "best_auc": run.best_score,
+        "rng": rng_state(), "config": json.loads(json.dumps(dataclasses.asdict(run.cfg), default=str)),
+        "valid": {k: used[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
+    }
+    try:
+        save_checkpoint(run.last_path, snapshot)
+        if is_best:
+            save_checkpoint(run.best_path, snapshot)
+    except CheckpointError as exc:
+        return exc
+    return None
+
+
+def _show_epoch(run: Run, epoch: int, row: dict, report: dict, ema_report: dict | None, is_best: bool) -> None:
+    """The epoch's TensorBoard scalars and its one line."""
+    if run.tensorboard is not None:
+        for key in ("train_loss", "auc_macro", "auc_micro", "images_per_s"):
+            if row[key] is not None:
+                run.tensorboard.add_scalar(key, row[key], epoch + 1)
+    shown = format_auc(report["auc_macro"]) + (f", EMA {format_auc(ema_report['auc_macro'])}" if ema_report else "")
+    loss_shown = "none (every batch skipped)" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+    run.say(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {loss_shown}, {row['images_per_s']:.1f} images/s, "
+            f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
 
 
 def _nonfinite_report(loss_value: float, images: torch.Tensor, index: torch.Tensor, dataset, epoch: int,

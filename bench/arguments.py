@@ -1,0 +1,44 @@
+"""The ``mxa bench`` flags, apart from the runner: the ``mxa`` command line builds its parser from this
+module, which imports only the standard library (not torch, nor the runner, cases or suites).
+
+The suite and provider names are plain tuples here; the tests check that they equal
+``tuple(mxa_bench.suites.SUITES)`` and ``mxa_bench.cases.PROVIDERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+SUITE_NAMES = ("smoke", "full")
+PROVIDER_NAMES = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
+                  "timm plain")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=sorted(SUITE_NAMES), default="smoke",
+                        help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--cases", help="only these cases (comma list; --list shows them)")
+    parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDER_NAMES)})")
+    parser.add_argument("--batch", type=int, help="another batch size for every case")
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
+                        help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")
+    parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="also compare the key ratios with FILE, a baseline written on this machine by "
+                             "--write-baseline; exit 1 on a regression")
+    parser.add_argument("--write-baseline", metavar="FILE", help="write this run's key ratios to FILE as a baseline")
+    parser.add_argument("--tolerance", type=float, default=0.3,
+                        help="relative tolerance written by --write-baseline (default: %(default)s)")
+    parser.add_argument("--chart", metavar="PNG", help="draw the speed-ups per case to PNG")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="run nothing: read the records of FILE (JSON list or JSON lines) for --chart, --baseline")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no case (after the first) once this many seconds have passed; the run "
+                             "still writes its outputs")
+    parser.add_argument("--list", action="store_true", help="list the suite's cases and exit")
