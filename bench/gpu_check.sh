@@ -43,12 +43,17 @@ mkdir -p "$results"
 prefix="$results/$(date +%F)_${card}"
 status=0
 cp "$link/versions.txt" "${prefix}_tests.txt"  # the versions head the tests' output
-# -o addopts: the project's pytest options name pytest-benchmark, which this machine may lack
-# shellcheck disable=SC2086 - TESTS and BENCH_ARGS are word lists
 # every registered op's test files (mxa_kernels.OPS), unless TESTS names others
-op_tests=$("$py" -c "import mxa_kernels; print(' '.join(t for op in mxa_kernels.OPS.values() for t in op.tests))")
-timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS:-$op_tests} 2>&1 \
-    | tee -a "${prefix}_tests.txt" || status=1
+tests=${TESTS:-$("$py" -c "import mxa_kernels; print(' '.join(t for op in mxa_kernels.OPS.values() for t in op.tests))")}
+if [ -z "$tests" ]; then
+    echo "gpu_check.sh: no test files: the fused ops' list could not be read" | tee -a "${prefix}_tests.txt"
+    status=1
+else
+    # -o addopts: the project's pytest options name pytest-benchmark, which this machine may lack
+    # shellcheck disable=SC2086 - a word list
+    timeout "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra $tests 2>&1 \
+        | tee -a "${prefix}_tests.txt" || status=1
+fi
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-360}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
     --time-budget "${BENCH_BUDGET:-270}" \

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# What the attention kernels (one window per program, tokens and head widths padded to powers of
+# two) serve: windows up to 8 x 8 and heads up to 128 wide, with every block in registers.
+MAX_WINDOW_SIDE = 8
+MAX_HEAD_DIM = 128
 # the dtypes a kernel is built for, by the names Triton's signatures use
 BUILD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,7 +37,9 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class KernelBuild:
     """One kernel in one configuration and dtype, as Triton's compiler takes it: ``signature`` maps each
-    argument to its Triton type ("*fp16", "i32", "constexpr", ...), ``constexprs`` holds the values."""
+    argument to its Triton type ("*fp16", "i32", "constexpr", ...), ``constexprs`` holds the values.
+    ``sizes`` are the size arguments the kernel needs as run-time values (``do_not_specialize``): a
+    launch would otherwise compile a size of 1 in as a Python int, on which the kernel's ``.to`` fails."""
 
     kernel: object  # a triton.JITFunction
     config: str  # what the configuration serves, for the report
@@ -41,6 +47,7 @@ class KernelBuild:
     launch: LaunchConfig
     signature: dict[str, str]
     constexprs: dict[str, object]
+    sizes: tuple[str, ...]
 
 
 def padded(n: int, least: int = 16) -> int:
@@ -53,7 +60,7 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def kernel_build(kernel, config: str, dtype: str, launch: LaunchConfig, constexprs: dict, *,
+def kernel_build(kernel, config: str, dtype: str, launch: LaunchConfig, constexprs: dict, *, sizes: tuple[str, ...],
                  feature_pointers: set[str], index_pointers: set[str] = frozenset()) -> KernelBuild:
     """The build of ``kernel`` with its pointer types given by the op's module: ``feature_pointers`` (the
     names, among the module's kernels' arguments) point to tensors in the features' dtype,
@@ -74,4 +81,4 @@ def kernel_build(kernel, config: str, dtype: str, launch: LaunchConfig, constexp
             signature[name] = "*fp32"
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
-    return KernelBuild(kernel, config, dtype, launch, signature, constexprs)
+    return KernelBuild(kernel, config, dtype, launch, signature, constexprs, sizes)

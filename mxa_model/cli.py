@@ -136,7 +136,11 @@ def backends(args: argparse.Namespace) -> int:
     device = default_device(None)
     print(f"fused ops, served on {device} by:")
     for name, op in mxa_kernels.OPS.items():
-        print(f"  {name:26s} {mxa_kernels.resolve_backend(name, None, device):7s} ({op.package.replace('.', '/')}/)")
+        try:
+            served = mxa_kernels.resolve_backend(name, None, device)
+        except mxa_kernels.BackendUnavailableError:  # the selected backend cannot serve it: say why
+            served = f"nothing: {mxa_kernels.triton_unavailable_reason(name, device)}"
+        print(f"  {name:26s} {served:7s} ({op.package.replace('.', '/')}/)")
     return 0
 
 
@@ -161,7 +165,8 @@ def synth(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train a model (supervised, or distilled from --teacher) on a CheXpert-format folder."""
-    from .train.loop import TrainConfig, train as run
+    from .train.config import TrainConfig
+    from .train.loop import train as run
 
     cfg = config_from_args(TrainConfig, args)
     summary = run(cfg)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .data import CheXpertDataset, eval_transform, load_image
 from .data.labels import FINDINGS_FILE
-from .inference import EVAL_POLICY, predict
+from .inference import EVAL_POLICY, predict_loader
 from .metrics import auc_report, box_iou, plot_roc
 from .train import distributed
 from .train.checkpoint import model_from_checkpoint
@@ -88,7 +88,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", jso
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    probs, targets, mask, _ = predict(model, loader, ctx, progress=progress)
+    probs, targets, mask, _ = predict_loader(model, loader, ctx, progress=progress)
     labels = list(state.get("labels", dataset.labels))
     result = {"checkpoint": str(checkpoint), "model": state["model_name"], "split": split, "data": str(data),
               **auc_report(probs, targets, mask, labels), "skipped": [str(e) for e in dataset.skipped]}

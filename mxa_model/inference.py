@@ -13,7 +13,7 @@ EVAL_POLICY = "ignore"
 
 
 @torch.no_grad()
-def predict(model, loader, ctx: distributed.Context, dtype=None, channels_last=False, progress=False, desc="eval"):
+def predict_loader(model, loader, ctx: distributed.Context, dtype=None, channels_last=False, progress=False, desc="eval"):
     """Sigmoid probabilities, targets, masks and dataset indices of every sample, once each; non-finite
     outputs raise ``FloatingPointError`` naming the images (a :class:`CheXpertDataset` loader)."""
     model.eval()

@@ -15,7 +15,8 @@ from .evaluate import evaluate, read_findings
 from .metrics import format_auc, format_auc_table
 from .predict import predict_files
 from .train.config import setting
-from .train.loop import TrainConfig, train
+from .train.config import TrainConfig
+from .train.loop import train
 
 
 @dataclass

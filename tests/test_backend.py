@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,9 +151,30 @@ def test_set_backend_reaches_every_module_a_registered_op_serves():
 def test_registry_entries_are_whole():
     """Each registered op: its public function dispatches to its reference under the eager backend, its
     kernels module registers it with the switch, its test files exist."""
-    root = __import__("pathlib").Path(__file__).parents[1]
+    root = Path(__file__).parents[1]
     for name, op in mxa_kernels.OPS.items():
         assert op.function.__name__ == name and getattr(mxa_kernels, name) is op.function
         assert getattr(mxa_kernels, op.reference.__name__) is op.reference
         assert op.kernels_module().__name__ == op.kernels and name in backend._TRITON_OPS
         assert op.tests and all((root / path).is_file() for path in op.tests), op.tests
+
+
+def test_every_op_package_is_registered():
+    """A package under mxa_kernels/ops/ without its registry entry (or the reverse) fails here."""
+    ops_dir = Path(mxa_kernels.__file__).parent / "ops"
+    packages = {p.name for p in ops_dir.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == {op.package.rpartition(".")[2] for op in mxa_kernels.OPS.values()}
+    assert all((ops_dir / name / "kernels.py").is_file() for name in packages)
+
+
+def test_kernel_sizes_stay_run_time_values():
+    """Each build's size arguments are in its kernel's do_not_specialize: a launch with a size of 1 (B = 1,
+    a 1x1 map, one head) would otherwise compile it in as a Python int, which the kernels cannot use.
+    The interpreter never specializes, so only this check and a GPU see it."""
+    for op in mxa_kernels.OPS.values():
+        for build in op.kernels_module().builds():
+            if hasattr(build.kernel, "params"):  # a JITFunction
+                runtime = {p.name for p in build.kernel.params if p.do_not_specialize}
+            else:  # the interpreter's wrapper, which keeps triton.jit's arguments
+                runtime = set(build.kernel.kwargs["do_not_specialize"])
+            assert build.sizes and set(build.sizes) <= runtime, (build.kernel.fn.__name__, set(build.sizes) - runtime)

@@ -37,6 +37,18 @@ def test_backends_lists_every_backend(capsys):
         assert f"{name:26s} {mxa_kernels.resolve_backend(name, None, device):7s}" in out
 
 
+def test_backends_says_why_a_selected_backend_cannot_serve(monkeypatch, capsys):
+    monkeypatch.setenv("MXA_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # so that the CPU cannot serve triton
+    device = default_device(None)
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("selected: triton\n")
+    for name in mxa_kernels.OPS:
+        reason = mxa_kernels.triton_unavailable_reason(name, device)
+        assert (f"{name:26s} nothing: {reason}" in out) == (reason is not None)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """synth -> train -> the folder and checkpoint, shared by the smoke tests."""

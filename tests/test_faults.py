@@ -19,7 +19,8 @@ from mxa_model.data import CheXpertDataset
 from mxa_model.data.synth import generate
 from mxa_model.train import checkpoint as ckpt
 from mxa_model.train import loop
-from mxa_model.train.loop import TrainConfig, train
+from mxa_model.train.config import TrainConfig
+from mxa_model.train.loop import train
 
 ROOT = Path(__file__).parents[1]
 

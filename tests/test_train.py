@@ -13,7 +13,8 @@ import torch
 from mxa_model.data.synth import generate
 from mxa_model.train import checkpoint as ckpt
 from mxa_model.train import loop
-from mxa_model.train.loop import TrainConfig, train
+from mxa_model.train.config import TrainConfig
+from mxa_model.train.loop import train
 
 N_VALID = 15  # odd: two processes' DistributedSampler pads the split with a duplicate
 

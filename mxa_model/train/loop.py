@@ -32,16 +32,13 @@ from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
 from ..data.chexpert import describe_skipped
-from ..inference import EVAL_POLICY, predict
+from ..inference import EVAL_POLICY, predict_loader
 from ..metrics import auc_report, format_auc
 from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_from_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import AMP_MODES, CLIP_MODES, RESUME_FIELDS, TrainConfig, model_kwargs
+from .config import RESUME_FIELDS, TrainConfig, model_kwargs
 from .losses import distillation_loss, supervised_loss
-
-__all__ = ["AMP_MODES", "CLIP_MODES", "EVAL_POLICY", "LOG_FIELDS", "RESUME_FIELDS", "TrainConfig",
-           "model_kwargs", "predict", "train"]
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
               "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
@@ -384,11 +381,11 @@ def _validate(run: Run, epoch: int) -> tuple[dict, dict | None]:
     if run.ema is not None:
         distributed.sync_buffers(ctx, run.ema.module)
     valid_loader = _loader(run.data.valid_set, cfg, ctx, epoch, train=False)
-    report = auc_report(*predict(run.model, valid_loader, ctx, run.amp_dtype, cfg.channels_last, cfg.progress)[:3],
+    report = auc_report(*predict_loader(run.model, valid_loader, ctx, run.amp_dtype, cfg.channels_last, cfg.progress)[:3],
                         run.data.labels)
     ema_report = None
     if run.ema is not None:
-        ema_report = auc_report(*predict(run.ema.module, valid_loader, ctx, run.amp_dtype, cfg.channels_last)[:3],
+        ema_report = auc_report(*predict_loader(run.ema.module, valid_loader, ctx, run.amp_dtype, cfg.channels_last)[:3],
                                 run.data.labels)
     return report, ema_report
 

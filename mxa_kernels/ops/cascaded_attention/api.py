@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...backend import dispatch
-from ...checks import check_bias_index, check_features, check_float, check_rank, check_scale, check_tensor, check_window
+from ...checks import (check_bias_index, check_devices, check_features, check_float, check_rank, check_scale,
+                       check_tensor, check_window)
 from .reference import cascaded_attention_infer_ref
 
 OP = "cascaded_attention_infer"
@@ -45,10 +46,9 @@ def check_cascaded_attention_args(x, qkv_weight, qkv_bias, dw_weight, dw_bias, a
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{OP}: {name} must have shape {shape} for {x.shape[1]} channels and {heads} heads, "
                              f"got {tuple(tensor.shape)}")
-        if tensor.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {tensor.device} but x is on {x.device}")
         if name != "bias_idx":
             check_float(OP, name, tensor)
+    check_devices(OP, "x", x, params)
     if x.shape[1] % heads or (heads > 1 and val_dim != group) or val_dim < 1 or key_dim < 1 or kernel % 2 == 0:
         raise ValueError(f"{OP}: {heads} heads of {group} input channels, key width {key_dim}, value width "
                          f"{val_dim} and a {kernel}x{kernel} depthwise kernel (qkv_weight, dw_weight) do not form "

@@ -26,8 +26,7 @@ import triton.language as tl
 
 from ... import alloc
 from ...backend import kernel_dtype_reason, register_triton_op
-from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build, padded
-from ..window_attention.kernels import MAX_HEAD_DIM, MAX_WINDOW_TOKENS
+from ...launch import BUILD_DTYPES, MAX_HEAD_DIM, MAX_WINDOW_SIDE, LaunchConfig, dot_precision, kernel_build, padded
 
 # Launch configurations, by padded head width (DVP <= 64 or 128): output channels per projection
 # block, warps. Chosen by ptxas's sm_90 register report (tests/test_kernels_sm90.py): at 4 warps, or
@@ -173,6 +172,7 @@ def builds(all_configs: bool = False) -> list:
     head_widths = {"narrow": 64, "wide": 128}
     return [kernel_build(cascaded_attention_infer_kernel, f"{name}: 7x7 windows, heads {width} wide", dtype,
                          SHIPPED_CONFIGS[name], dict(KS=5, DKP=16, DVP=width, NP=64),
+                         sizes=("H", "W", "n_wh", "n_ww", "WS", "C", "CG", "DK", "DV", "HEADS", "OFFSETS"),
                          feature_pointers={"x_ptr", "out_ptr", "qkv_w_ptr", "proj_w_ptr", "heads_buf_ptr"},
                          index_pointers={"idx_ptr"})
             for dtype in BUILD_DTYPES for name, width in head_widths.items()]
@@ -203,8 +203,8 @@ def unsupported_reason(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bi
                        proj_bias, window, scale) -> str | None:
     """Why the fused kernel cannot serve these arguments, or None."""
     what = "the fused cascaded group attention"
-    if window * window > MAX_WINDOW_TOKENS:
-        return f"{what} serves windows up to 8x8, got {window}x{window}"
+    if window > MAX_WINDOW_SIDE:
+        return f"{what} serves windows up to {MAX_WINDOW_SIDE}x{MAX_WINDOW_SIDE}, got {window}x{window}"
     key_dim, kernel = dw_weight.shape[1], dw_weight.shape[-1]
     if kernel % 2 == 0:
         return f"{what} serves odd depthwise kernel sizes, got {kernel}"

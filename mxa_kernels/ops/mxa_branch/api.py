@@ -6,7 +6,7 @@ import torch
 
 from ...backend import dispatch
 from ...checks import check_devices, check_features, check_float, check_rank, check_tensor
-from .reference import ROI_MODES, mxa_branch_ref
+from .reference import ROI_MODES, SPATIAL_KERNEL, mxa_branch_ref
 
 OP = "mxa_branch"
 
@@ -28,7 +28,7 @@ def check_mxa_branch_args(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weigh
     expected = {
         "ca_reduce_weight": (ca_reduce_weight, (hidden, channels, 1, 1)),
         "ca_expand_weight": (ca_expand_weight, (channels, hidden, 1, 1)),
-        "sa_weight": (sa_weight, (1, 2, 7, 7)),
+        "sa_weight": (sa_weight, (1, 2, SPATIAL_KERNEL, SPATIAL_KERNEL)),
     }
     for name, (tensor, shape) in expected.items():
         check_tensor(OP, name, tensor)

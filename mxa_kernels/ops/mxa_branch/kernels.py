@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ... import alloc
 from ...backend import kernel_dtype_reason, register_triton_op
-from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build
+from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build, padded
+from .reference import SPATIAL_KERNEL
 
 MAX_MAP_SIDE = 32
 # Channels per tile (BC) and warps per program, by channels per tile (16 for maps padded to 16x16; 8
@@ -41,14 +42,14 @@ MAX_MAP_SIDE = 32
 SHIPPED_CONFIGS = {block_c: LaunchConfig(f"BC {block_c}", num_warps, {"BC": block_c})
                    for block_c, num_warps in ((16, 8), (8, 8), (4, 4))}
 
-# The spatial attention's convolution: a 7x7 kernel (zero padding 3) over two maps, channel max and
-# channel mean, so 49 weights per map and 98 in all; kernel rows padded to 8 where a block needs a
-# power of two.
-SA_SIDE = tl.constexpr(7)
-SA_PAD = tl.constexpr(3)
-SA_SIDE_P2 = tl.constexpr(8)
-SA_TAPS = tl.constexpr(49)
-SA_WEIGHTS = tl.constexpr(98)
+# The spatial attention's convolution, as the kernels' constants: a 7x7 kernel (zero padding 3) over two
+# maps, channel max and channel mean, so 49 weights per map and 98 in all; kernel rows padded to 8
+# where a block needs a power of two.
+SA_SIDE = tl.constexpr(SPATIAL_KERNEL)
+SA_PAD = tl.constexpr(SPATIAL_KERNEL // 2)
+SA_SIDE_P2 = tl.constexpr(padded(SPATIAL_KERNEL, least=1))
+SA_TAPS = tl.constexpr(SPATIAL_KERNEL * SPATIAL_KERNEL)
+SA_WEIGHTS = tl.constexpr(2 * SPATIAL_KERNEL * SPATIAL_KERNEL)
 
 
 def _clamp_gradient_at_bounds() -> bool:
@@ -433,7 +434,7 @@ def unsupported_reason(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     return kernel_dtype_reason(x, "the fused MXA branch")
 
 
-def _launch_config(x: torch.Tensor, block_c: int | None) -> dict:
+def _launch_options(x: torch.Tensor, block_c: int | None) -> dict:
     """The launch's constexprs and warps: a shipped configuration (by ``block_c``, or chosen by map size)
     and the padded map."""
     height, width = x.shape[2:]
@@ -465,7 +466,7 @@ def mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
         mxa_branch_fwd_kernel[(batch,)](
             x, boxes.float().contiguous(), w1, w2, sa_w, out, pooled, hidden, cw, stats, argmax, spatial,
             channels, height, width, hidden_channels, *x.stride(), *out.stride(),
-            ALIGN=align, BCH=triton.next_power_of_2(hidden_channels), **_launch_config(x, block_c),
+            ALIGN=align, BCH=triton.next_power_of_2(hidden_channels), **_launch_options(x, block_c),
         )
     return out, pooled, hidden, cw, stats, argmax, spatial
 
@@ -475,7 +476,7 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
     """Launch the two backward kernels; returns the gradients of x, boxes and the three weights."""
     batch, channels, height, width = x.shape
     w1, w2, sa_w = _flat_weights(ca_reduce_weight, ca_expand_weight, sa_weight)
-    config = _launch_config(x, block_c)
+    config = _launch_options(x, block_c)
     boxes32 = boxes.float().contiguous()
     f32 = dict(device=x.device, dtype=torch.float32)
     g_cw = alloc.empty((batch, channels), **f32)
@@ -522,8 +523,8 @@ def builds(all_configs: bool = False) -> list:
                         constexprs["BCH"] = 16
                     result.append(kernel_build(
                         kernel, f"BC {block_c} map {height}x{width} {'align' if align else 'crop'}", dtype,
-                        SHIPPED_CONFIGS[block_c], constexprs, feature_pointers={"x_ptr", "out_ptr", "gout_ptr", "gx_ptr"},
-                        index_pointers={"argmax_ptr"}))
+                        SHIPPED_CONFIGS[block_c], constexprs, sizes=("C", "H", "W"),
+                        feature_pointers={"x_ptr", "out_ptr", "gout_ptr", "gx_ptr"}, index_pointers={"argmax_ptr"}))
     return result
 
 
@@ -574,8 +575,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, *_aux_grads):
-    g_x, g_boxes, g_w1, g_w2, g_ws = torch.ops.mxa.mxa_branch_bwd(grad_out, *ctx.saved_tensors, ctx.align)
-    return g_x, (g_boxes if ctx.align else None), g_w1, g_w2, g_ws, None
+    g_x, g_boxes, g_w1, g_w2, g_sa_w = torch.ops.mxa.mxa_branch_bwd(grad_out, *ctx.saved_tensors, ctx.align)
+    return g_x, (g_boxes if ctx.align else None), g_w1, g_w2, g_sa_w, None
 
 
 mxa_branch_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 ROI_MODES = ("crop", "align")
+SPATIAL_KERNEL = 7  # the spatial attention's convolution is SPATIAL_KERNEL x SPATIAL_KERNEL, over 2 maps
 
 
 def snap_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -127,7 +128,7 @@ def mxa_branch_ref(
         boxes: (B, 4) normalized ``(x1, y1, x2, y2)``.
         ca_reduce_weight: (C // r, C, 1, 1) weight of the channel attention's first 1x1 conv.
         ca_expand_weight: (C, C // r, 1, 1) weight of its second 1x1 conv.
-        sa_weight: (1, 2, 7, 7) weight of the spatial attention's conv.
+        sa_weight: (1, 2, SPATIAL_KERNEL, SPATIAL_KERNEL) weight of the spatial attention's conv.
         roi_mode: ``"crop"`` or ``"align"``.
     """
     return channel_spatial_attention(roi_resample(x, boxes, roi_mode), ca_reduce_weight, ca_expand_weight, sa_weight)

@@ -23,10 +23,8 @@ import triton.language as tl
 
 from ... import alloc
 from ...backend import kernel_dtype_reason, register_triton_op
-from ...launch import BUILD_DTYPES, LaunchConfig, dot_precision, kernel_build, padded
+from ...launch import BUILD_DTYPES, MAX_HEAD_DIM, MAX_WINDOW_SIDE, LaunchConfig, dot_precision, kernel_build, padded
 
-MAX_WINDOW_TOKENS = 64
-MAX_HEAD_DIM = 128
 # one configuration: one window per program; every block size follows from the window and head widths
 SHIPPED_CONFIGS = {"window": LaunchConfig("window", 4)}
 
@@ -129,7 +127,7 @@ def window_attention_bwd_kernel(
         tl.store(gbias_ptr + window_id.to(tl.int64) * OFFSETS + o, g_entry)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, window: int) -> dict:
+def _launch_options(q: torch.Tensor, v: torch.Tensor, window: int) -> dict:
     """The launch's constexprs and warps: the padded head widths and window tokens, the precision."""
     return dict(SHIPPED_CONFIGS["window"].options(), DKP=padded(q.shape[1]), DVP=padded(v.shape[1]),
                 NP=padded(window * window), PREC=dot_precision(q.dtype))
@@ -140,7 +138,7 @@ def window_attention_forward(q, k, v, bias, bias_idx, window: int, scale: float)
     batch, _, height, width = q.shape
     n_wh, n_ww = height // window, width // window
     windows = batch * n_wh * n_ww
-    config = _config(q, v, window)
+    config = _launch_options(q, v, window)
     out = alloc.empty((batch, v.shape[1], height, width), dtype=v.dtype, device=v.device)
     rows = alloc.empty((windows, 2, config["NP"]), dtype=torch.float32, device=q.device)
     with alloc.on_device(q):
@@ -166,7 +164,7 @@ def window_attention_backward(grad_out, q, k, v, bias, bias_idx, rows, window: i
             g_q, g_k, g_v, g_bias_per_window,
             n_wh, n_ww, window, q.shape[1], v.shape[1], bias.shape[0], scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *g_q.stride(), *g_v.stride(),
-            **_config(q, v, window),
+            **_launch_options(q, v, window),
         )
     return g_q, g_k, g_v, g_bias_per_window.sum(dim=0).to(bias.dtype)
 
@@ -175,7 +173,7 @@ def builds(all_configs: bool = False) -> list:
     """Both kernels x dtype for GPU targets without a GPU, for 7x7 windows of a 64-wide value head
     (one configuration: ``all_configs`` adds none)."""
     return [kernel_build(kernel, "7x7 windows, Dv 64", dtype, SHIPPED_CONFIGS["window"], dict(DKP=16, DVP=64, NP=64),
-                         feature_pointers={"q_ptr", "k_ptr", "v_ptr", "out_ptr", "gout_ptr", "gq_ptr", "gk_ptr", "gv_ptr"},
+                         sizes=("n_wh", "n_ww", "WS", "DK", "DV"), feature_pointers={"q_ptr", "k_ptr", "v_ptr", "out_ptr", "gout_ptr", "gq_ptr", "gk_ptr", "gv_ptr"},
                          index_pointers={"idx_ptr"})
             for kernel in (window_attention_fwd_kernel, window_attention_bwd_kernel) for dtype in BUILD_DTYPES]
 
@@ -193,7 +191,7 @@ def _(q, k, v, bias, bias_idx, window, scale):
     batch, _, height, width = q.shape
     windows = batch * (height // window) * (width // window)
     return (v.new_empty((batch, v.shape[1], height, width)),
-            q.new_empty((windows, 2, _config(q, v, window)["NP"]), dtype=torch.float32))
+            q.new_empty((windows, 2, _launch_options(q, v, window)["NP"]), dtype=torch.float32))
 
 
 @torch.library.custom_op("mxa::window_attention_bwd", mutates_args=())
@@ -233,8 +231,9 @@ def window_attention_triton(q, k, v, bias, bias_idx, window, scale):
 
 def unsupported_reason(q, k, v, bias, bias_idx, window, scale) -> str | None:
     """Why the fused kernel cannot serve these arguments, or None."""
-    if window * window > MAX_WINDOW_TOKENS:
-        return f"the fused windowed attention serves windows up to 8x8, got {window}x{window}"
+    if window > MAX_WINDOW_SIDE:
+        return (f"the fused windowed attention serves windows up to {MAX_WINDOW_SIDE}x{MAX_WINDOW_SIDE}, "
+                f"got {window}x{window}")
     if max(q.shape[1], v.shape[1]) > MAX_HEAD_DIM:
         return (f"the fused windowed attention serves head dimensions up to {MAX_HEAD_DIM}, got {q.shape[1]} "
                 f"and {v.shape[1]}")
