@@ -11,18 +11,19 @@ import argparse
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SUITE_NAMES = ("smoke", "full")
+SUITE_NAMES = ("smoke", "full", "cost")
 PROVIDER_NAMES = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
                   "timm plain")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted(SUITE_NAMES), default="smoke",
-                        help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU "
-                             "(default: %(default)s)")
+                        help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU; cost: "
+                             "static GPU figures of the fused ops, no GPU needed, checked against "
+                             "bench/baselines/cost.json (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--cases", help="only these cases (comma list; --list shows them)")
+    parser.add_argument("--cases", help="only these cases (comma list; --list shows them; the cost suite: fused ops)")
     parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDER_NAMES)})")
     parser.add_argument("--batch", type=int, help="another batch size for every case")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
@@ -31,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
     parser.add_argument("--baseline", metavar="FILE",
                         help="also compare the key ratios with FILE, a baseline written on this machine by "
-                             "--write-baseline; exit 1 on a regression")
-    parser.add_argument("--write-baseline", metavar="FILE", help="write this run's key ratios to FILE as a baseline")
+                             "--write-baseline (the cost suite: its figures, instead of the committed baseline); "
+                             "exit 1 on a regression")
+    parser.add_argument("--write-baseline", metavar="FILE",
+                        help="write this run's key ratios (the cost suite: its figures) to FILE as a baseline")
     parser.add_argument("--tolerance", type=float, default=0.3,
                         help="relative tolerance written by --write-baseline (default: %(default)s)")
     parser.add_argument("--chart", metavar="PNG", help="draw the speed-ups per case to PNG")

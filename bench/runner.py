@@ -329,6 +329,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.suite == "cost":  # static figures, nothing timed
+        from .cost import main as cost_report
+
+        return cost_report(args)
     if args.batch is not None and args.batch < 1:
         raise BenchError(f"--batch must be at least 1, got {args.batch}")
     if args.repeats is not None and args.repeats < 1:

@@ -178,6 +178,12 @@ def builds(all_configs: bool = False) -> list:
             for dtype in BUILD_DTYPES for name, width in head_widths.items()]
 
 
+def launch_passes(*args) -> dict:
+    """The fused forward as a call of the launcher (inference only: no backward), for the cost report
+    (bench/cost.py), which records its launches."""
+    return {"forward": lambda: cascaded_attention_infer_forward(*args)}
+
+
 # torch.library registration: torch.compile traces through this op without graph breaks.
 
 @torch.library.custom_op("mxa::cascaded_attention_infer", mutates_args=())

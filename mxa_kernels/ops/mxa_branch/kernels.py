@@ -528,6 +528,21 @@ def builds(all_configs: bool = False) -> list:
     return result
 
 
+def launch_passes(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode="crop") -> dict:
+    """The fused forward and backward as calls of the launchers, in order (the backward takes the
+    forward's outputs), for the cost report (bench/cost.py), which records their launches."""
+    align, saved = roi_mode == "align", []
+
+    def forward():
+        saved[:] = mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align)
+
+    def backward():
+        mxa_branch_backward(torch.empty_like(saved[0]), x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight,
+                            *saved[1:], align)
+
+    return {"forward": forward, "backward": backward}
+
+
 # torch.library registration: torch.compile traces through these ops without graph breaks.
 
 @torch.library.custom_op("mxa::mxa_branch_fwd", mutates_args=())

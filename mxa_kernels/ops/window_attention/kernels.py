@@ -178,6 +178,21 @@ def builds(all_configs: bool = False) -> list:
             for kernel in (window_attention_fwd_kernel, window_attention_bwd_kernel) for dtype in BUILD_DTYPES]
 
 
+def launch_passes(q, k, v, bias, bias_idx, window, scale) -> dict:
+    """The fused forward and backward as calls of the launchers, in order (the backward takes the
+    forward's outputs), for the cost report (bench/cost.py), which records their launches."""
+    saved = []
+
+    def forward():
+        saved[:] = window_attention_forward(q, k, v, bias, bias_idx, window, scale)
+
+    def backward():
+        out, rows = saved
+        window_attention_backward(torch.empty_like(out), q, k, v, bias, bias_idx, rows, window, scale)
+
+    return {"forward": forward, "backward": backward}
+
+
 # torch.library registration: torch.compile traces through these ops without graph breaks.
 
 @torch.library.custom_op("mxa::window_attention_fwd", mutates_args=())
