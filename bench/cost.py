@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import mxa_kernels
 
@@ -53,9 +54,21 @@ class Target:
     max_warps: int = 64  # per SM
     max_programs: int = 32  # resident blocks per SM
     register_unit: int = 256  # registers are given to a warp in units of this many
+    # constants of the roofline model only (see roofline_us)
+    copy_bytes_per_s: float = 3.0e12  # achievable HBM copy bandwidth
+    bf16_flops_per_s: float = 989e12  # dense bf16 tensor-core peak
+    launch_s: float = 3e-6  # per launch: launch latency and the tail of a short kernel
 
 
-TARGETS = {"sm_90": Target("H100", 90, 132), "sm_80": Target("A100", 80, 108, shared_bytes=164 * 1024)}
+TARGETS = {"sm_90": Target("H100", 90, 132),
+           "sm_80": Target("A100", 80, 108, shared_bytes=164 * 1024, copy_bytes_per_s=1.4e12, bf16_flops_per_s=312e12)}
+
+
+def roofline_us(bytes_moved: int, flops: int, launches: int, target: Target) -> float:
+    """A lower bound of a path's time on ``target`` in a roofline model, in microseconds: its bytes at the
+    copy bandwidth or its FLOPs at the bf16 peak, whichever is longer, plus a fixed cost per launch. A
+    model with the constants of :class:`Target`, never a measurement."""
+    return 1e6 * (max(bytes_moved / target.copy_bytes_per_s, flops / target.bf16_flops_per_s) + launches * target.launch_s)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -226,9 +239,12 @@ def op_figures(name: str, batch: int = BATCH) -> list[dict]:
         fused = module.launch_passes(*args)
         eager = eager_passes(op, args)
         for pass_name, fused_fn in fused.items():  # in order: a backward uses its forward's outputs
-            eager_count, _ = count_pass(eager[pass_name])
+            flops = FlopCounterMode(display=False)
+            with flops:  # the useful matrix-product FLOPs, the same math on both paths
+                eager_count, _ = count_pass(eager[pass_name])
             torch_ops, triton = count_pass(fused_fn)
-            rows.append(dict(op=name, case=case, pass_=pass_name, eager_launches=eager_count.launches,
+            rows.append(dict(op=name, case=case, pass_=pass_name, flops=flops.get_total_flops(),
+                             eager_launches=eager_count.launches,
                              eager_bytes=eager_count.bytes, fused_launches=torch_ops.launches + len(triton),
                              fused_bytes=torch_ops.bytes + sum(t.bytes for t in triton),
                              torch_ops=[n for n, _ in torch_ops.ops], triton=triton))
@@ -271,17 +287,21 @@ def compile_for_target(kernel, signature: dict, constexprs: dict, num_warps: int
 
     source = ASTSource(kernel, signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", target.capability, 32), options=dict(num_warps=num_warps))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     arch = f"sm_{target.capability}" + ("a" if target.capability >= 90 else "")
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
+        ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.devnull],
+        report = subprocess.run([os.path.join(tools, "ptxas"), "-v", f"--gpu-name={arch}", ptx, "-o", cubin],
                                 capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
     return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)),
                 spill_bytes=max(int(n) for n in re.findall(r"(\d+) bytes spill", report)),
-                shared_bytes=int(compiled.metadata.shared))
+                shared_bytes=int(compiled.metadata.shared),
+                # static SASS instructions, a size figure: lines like "/*0a30*/  FFMA R4, R5, R6, R4 ;"
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M)))
 
 
 def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int, target: Target) -> dict:
@@ -325,8 +345,11 @@ def report(ops=None, targets=None, batch: int = BATCH, progress=print) -> list[d
         for row in op_figures(name, batch):
             triton = [launch_figures(launch, targets, built) for launch in row.pop("triton")]
             row["pass"] = row.pop("pass_")
+            model = {name: {path: round(roofline_us(row[f"{path}_bytes"], row["flops"], row[f"{path}_launches"], t), 1)
+                            for path in ("eager", "fused")} for name, t in targets.items()}
             records.append(dict(row, byte_ratio=row["eager_bytes"] / row["fused_bytes"], triton=triton,
-                                dtype=str(DTYPE).removeprefix("torch."), targets=sorted(targets)))
+                                dtype=str(DTYPE).removeprefix("torch."), targets=sorted(targets),
+                                roofline_model_us=model))
             progress(format_record(records[-1]))
     return records
 
@@ -335,11 +358,12 @@ def format_record(r: dict) -> str:
     head = (f"{r['op']:<24} {r['case']:<28} {r['pass']:<8} launches eager {r['eager_launches']:>3} fused "
             f"{r['fused_launches']:>2} | MB eager {r['eager_bytes'] / 1e6:8.1f} fused {r['fused_bytes'] / 1e6:7.1f} "
             f"(x{r['byte_ratio']:.1f})")
-    lines = [head]
+    model = "; ".join(f"{n} eager {m['eager']} fused {m['fused']}" for n, m in r["roofline_model_us"].items())
+    lines = [head, f"    roofline model, a lower bound in us, not a measurement: {model}"]
     for t in r["triton"]:
         per_target = "; ".join(f"{name} regs {t[name]['registers']} spill {t[name]['spill_bytes']} smem "
-                               f"{t[name]['shared_bytes']} resident {t[name]['resident']} waves {t[name]['waves']}"
-                               for name in r["targets"])
+                               f"{t[name]['shared_bytes']} resident {t[name]['resident']} waves {t[name]['waves']} "
+                               f"sass {t[name]['sass_instructions']}" for name in r["targets"])
         lines.append(f"    {t['kernel']:<32} grid {'x'.join(map(str, t['grid'])):<8} warps {t['num_warps']} | {per_target}")
     return "\n".join(lines)
 
@@ -410,7 +434,11 @@ def main(args) -> int:
           "GPU: launches and bytes on meta tensors, registers, spills and shared memory from Triton's compiler "
           "and ptxas; not measurements\ntargets: " + "; ".join(
               f"{n} ({t.name}: {t.sms} SMs, {t.registers} registers, {t.shared_bytes // 1024} KB shared memory, "
-              f"{t.max_warps} warps per SM)" for n, t in TARGETS.items()), flush=True)
+              f"{t.max_warps} warps per SM)" for n, t in TARGETS.items())
+          + "\nroofline model (a lower bound, not a measurement): max(bytes / copy bandwidth, useful FLOPs / bf16 "
+          "peak) + launches x a launch cost; " + "; ".join(
+              f"{n}: {t.copy_bytes_per_s / 1e12:.1f} TB/s, {t.bf16_flops_per_s / 1e12:.0f} TFLOP/s, "
+              f"{t.launch_s * 1e6:.0f} us per launch" for n, t in TARGETS.items()), flush=True)
     records = report(ops, batch=batch, progress=lambda line: print(line, flush=True))
     if args.json:
         write_baseline(args.json, records)
