@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import timm
 import torch
@@ -40,6 +40,23 @@ OTHER_MODELS = ("timm plain",)
 PROVIDERS = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
              "timm plain")
 COMPILE_MODES = {"torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
+
+
+class Stage(NamedTuple):
+    channels: int
+    side: int  # the map's side at 224 px
+    heads: int
+    value_dim: int  # one head's value width
+
+
+# MXA-EfficientViT-M5's attention stages (timm's efficientvit_m5: embed_dim, num_heads; 16-wide keys)
+M5_STAGES = (Stage(192, 14, 3, 64), Stage(288, 7, 3, 96), Stage(384, 4, 4, 96))
+KEY_DIM = 16
+
+
+def window_side(side: int) -> int:
+    """EfficientViT's 7x7 attention windows; the whole map when it is smaller."""
+    return min(7, side)
 
 
 @dataclass
@@ -173,8 +190,7 @@ def sdpa_window_attention(q, k, v, bias, bias_idx, window, scale):
 def build_window_attention(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
     """One head's attention core; ``case.shape`` is (B, value dim, side, side), window 7 (4 on 4x4 maps)."""
     batch, value_dim, side, _ = case.shape
-    window = 7 if side >= 7 else side
-    key_dim = 16
+    window, key_dim = window_side(side), KEY_DIM
     gen = torch.Generator().manual_seed(0)
     idx = LocalWindowAttention(value_dim, key_dim, 1, value_dim / key_dim, side, window).attn.attention_bias_idxs.to(device)
     bias = torch.randn(int(idx.max()) + 1, generator=gen).to(device)
@@ -277,10 +293,10 @@ def build_cascaded_attention_block(case: Case, device: torch.device, providers: 
     module, triton ``FusedLocalWindowAttention`` (its inference is the one-launch cascade). BatchNorms and
     bias table are randomized: timm's zero initialization would make the output all zeros."""
     dim, side = case.shape[1], case.shape[2]
-    heads = {192: 3, 288: 3, 384: 4}.get(dim, 2)
-    window = 7 if side >= 7 else side
-    return _block_providers(case, device, providers,
-                            lambda: randomized(FusedLocalWindowAttention(dim, 16, heads, dim / (16 * heads), side, window)))
+    heads = next((stage.heads for stage in M5_STAGES if stage.channels == dim), 2)
+    window = window_side(side)
+    return _block_providers(case, device, providers, lambda: randomized(
+        FusedLocalWindowAttention(dim, KEY_DIM, heads, dim / (KEY_DIM * heads), side, window)))
 
 
 # --- model level --------------------------------------------------------------------------------

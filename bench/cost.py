@@ -34,10 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mxa_kernels
 
+from .cases import KEY_DIM, M5_STAGES, window_side
+
 BATCH = 256
 DTYPE = torch.bfloat16
-M5_STAGES = ((192, 14, 3, 64), (288, 7, 3, 96), (384, 4, 4, 96))  # channels, map side, heads, value width at 224 px
-KEY_DIM = 16  # EfficientViT's query and key width
 # ATen ops that launch no kernel: allocations, and _unsafe_view (a view its schema does not mark as one)
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
 
@@ -175,7 +175,7 @@ def mxa_branch_cases(batch: int = BATCH):
 
 def window_attention_cases(batch: int = BATCH):
     for _, side, _, value_dim in M5_STAGES:
-        window = min(7, side)
+        window = window_side(side)
         tokens = window * window
         q, k = (_meta(batch, KEY_DIM, side, side, dtype=DTYPE) for _ in range(2))
         args = (q, k, _meta(batch, value_dim, side, side, dtype=DTYPE), _meta(tokens),
@@ -185,7 +185,7 @@ def window_attention_cases(batch: int = BATCH):
 
 def cascaded_attention_cases(batch: int = BATCH):
     for channels, side, heads, value_dim in M5_STAGES:
-        window = min(7, side)
+        window = window_side(side)
         tokens, kernel, qkv_out = window * window, 5, 2 * KEY_DIM + value_dim
         args = (_meta(batch, channels, side, side, dtype=DTYPE), _meta(heads, qkv_out, channels // heads, dtype=DTYPE),
                 _meta(heads, qkv_out), _meta(heads, KEY_DIM, kernel, kernel), _meta(heads, KEY_DIM),

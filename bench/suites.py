@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cases import (
+    M5_STAGES,
     Case,
     build_cascaded_attention_block,
     build_model,
@@ -39,9 +40,7 @@ SMOKE = (
          repeats=9),
 )
 
-_M5_STAGES = ((192, 14), (288, 7), (384, 4))  # (channels, map side) at 224 px
-_M5_VALUE_DIMS = (64, 96, 96)  # one head's value width per stage
-_STAGE1, _LATER = _M5_STAGES[0], _M5_STAGES[1:]
+_STAGE1, _LATER = M5_STAGES[0][:2], [stage[:2] for stage in M5_STAGES[1:]]  # (channels, map side)
 
 
 def _branch(mode: str, channels: int, side: int, providers: tuple[str, ...], dtype: str = "bfloat16") -> Case:
@@ -62,18 +61,18 @@ FULL = (
     Case("efficientvit_m5", "model", (256, 1, 224, 224), "bfloat16", MODEL_MODES,
          ("eager", "triton", "torch.compile", "timm plain"), build_model),
     *(_branch(mode, *_STAGE1, ("eager", "triton", "torch.compile")) for mode in ("crop", "align")),
-    _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "triton", "torch.compile", "sdpa")),
+    _window(M5_STAGES[0].value_dim, _STAGE1[1], ("eager", "triton", "torch.compile", "sdpa")),
     *(Case(f"mxa_block_{mode}", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
            ("eager", "triton", "torch.compile"), build_mxa_block, op="mxa_branch") for mode in ("crop", "align")),
     Case("cascaded_attention_block", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
          ("eager", "triton", "torch.compile"), build_cascaded_attention_block, op="cascaded_attention_infer"),
     *(_branch(mode, c, s, ("eager", "triton")) for mode in ("crop", "align") for c, s in _LATER),
-    *(_window(d, s, ("eager", "triton", "sdpa")) for d, (_, s) in zip(_M5_VALUE_DIMS[1:], _LATER)),
+    *(_window(stage.value_dim, stage.side, ("eager", "triton", "sdpa")) for stage in M5_STAGES[1:]),
     *(Case("cascaded_attention_block", "block", (256, c, s, s), "bfloat16", BLOCK_MODES, ("eager", "triton"),
            build_cascaded_attention_block, op="cascaded_attention_infer") for c, s in _LATER),
     _branch("crop", *_STAGE1, ("eager", "triton"), dtype="float32"),
     *(_branch(mode, *_STAGE1, ("eager", "torch.compile max-autotune")) for mode in ("crop", "align")),
-    _window(_M5_VALUE_DIMS[0], _STAGE1[1], ("eager", "torch.compile max-autotune")),
+    _window(M5_STAGES[0].value_dim, _STAGE1[1], ("eager", "torch.compile max-autotune")),
 )
 
 SUITES = {"smoke": SMOKE, "full": FULL}

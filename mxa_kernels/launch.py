@@ -1,8 +1,7 @@
 """What the kernel launchers of every op share: the launch-configuration type, the padding of sizes
 to Triton's block shapes, the matrix-product precision, and the description of a kernel build for a
-GPU target that Triton's compiler can make without a GPU (see tests/test_kernels_sm90.py).
-
-Imports no Triton, so that the op modules and the registry import without it.
+GPU target that Triton's compiler can make without a GPU (see tests/test_kernels_sm90.py). Imported by
+the kernels modules only.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 # What the attention kernels (one window per program, tokens and head widths padded to powers of
 # two) serve: windows up to 8 x 8 and heads up to 128 wide, with every block in registers.
@@ -52,7 +52,7 @@ class KernelBuild:
 
 def padded(n: int, least: int = 16) -> int:
     """The power of two a size is padded to in a block, at least ``least`` (tl.dot's smallest side)."""
-    return max(least, 1 << max(n - 1, 0).bit_length())
+    return max(least, triton.next_power_of_2(n))
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

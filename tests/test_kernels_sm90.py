@@ -10,10 +10,8 @@ script for the register/spill table.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -39,22 +37,6 @@ def launched_kernels(module) -> set[str]:
 
     return {name for name, value in vars(module).items()
             if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel")}
-
-
-def compile_build(build, ptxas: str) -> tuple[int, int]:
-    """Compile a KernelBuild for sm_90; return ptxas's register count and spill bytes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    source = ASTSource(build.kernel, build.signature, constexprs=build.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=build.launch.num_warps))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                            capture_output=True, text=True, check=True).stderr
-    os.unlink(f.name)
-    return int(re.search(r"Used (\d+) registers", report).group(1)), max(int(n) for n in re.findall(r"(\d+) bytes spill", report))
 
 
 def all_builds(all_configs: bool) -> list:
@@ -89,14 +71,14 @@ def test_every_kernel_compiles_for_sm90():
 
 
 if __name__ == "__main__":
-    import triton
+    from mxa_bench.cost import TARGETS, compile_for_target
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print("kernel | configuration | num_warps | dtype | registers | spill bytes")
     for build in all_builds(sys.argv[1:] == ["all"]):
-        registers, spill = compile_build(build, ptxas)
+        built = compile_for_target(build.kernel, build.signature, build.constexprs, build.launch.num_warps,
+                                   TARGETS["sm_90"])
         print(" | ".join(str(v) for v in (build.kernel.fn.__name__, build.config, build.launch.num_warps, build.dtype,
-                                          registers, spill)), flush=True)
+                                          built["registers"], built["spill_bytes"])), flush=True)
 elif os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run with the interpreter's test session; a GPU session compiles the kernels for real",
                 allow_module_level=True)
