@@ -16,6 +16,17 @@ PROVIDER_NAMES = ("eager", "triton", "torch.compile", "torch.compile max-autotun
                   "timm plain")
 
 
+def stage(text: str) -> tuple[int, int, int, int]:
+    """``--stage C,SIDE,HEADS,DV``: four positive integers."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected CHANNELS,SIDE,HEADS,VALUE_DIM, four positive integers; got {text!r}")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted(SUITE_NAMES), default="smoke",
                         help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU; cost: "
@@ -26,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", help="only these cases (comma list; --list shows them; the cost suite: fused ops)")
     parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDER_NAMES)})")
     parser.add_argument("--batch", type=int, help="another batch size for every case")
+    parser.add_argument("--stage", type=stage, action="append", metavar="C,SIDE,HEADS,DV",
+                        help="the cost suite: a stage shape to report instead of M5's (repeatable): channels, map "
+                             "side, attention heads, value width per head; e.g. --stage 128,14,4,32")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")

@@ -1,8 +1,8 @@
 """The GPU cost report (``mxa bench --suite cost``): figures of every fused op on a GPU target, computed
 on any machine without a GPU, deterministically.
 
-For each op of the registry (``mxa_kernels.OPS``), pass (forward, backward) and case (M5's stage shapes
-at batch 256 in bfloat16), on meta tensors, so that batch 256 costs nothing:
+For each op of the registry (``mxa_kernels.OPS``), pass (forward, backward) and case (M5's stage shapes,
+or others, at batch 256 in bfloat16), on meta tensors, so that batch 256 costs nothing:
 
 - **launches and bytes**: the eager path is the op's reference (its backward by autograd); every
   non-view ATen op that is not an allocation counts as one launch, moving the bytes of its tensor
@@ -11,20 +11,30 @@ at batch 256 in bfloat16), on meta tensors, so that batch 256 costs nothing:
   included), and the PyTorch ops between the launches count as above;
 - **per Triton launch, per target** (sm_90: H100, sm_80: A100): registers, spill bytes and shared
   memory from building the kernel with Triton's compiler and ptxas as a launch with these arguments
-  would build it, then resident programs per SM from those limits and waves over the target's SMs.
+  would build it, then resident programs per SM from those limits and waves over the target's SMs;
+- **per Triton launch**: the trips of every loop in one program (the kernel's source, its bounds
+  evaluated with the launch's arguments) and the useful and padded multiply-adds of its ``tl.dot``
+  tiles (counted in Triton's interpreter at batch 1, in a child process);
+- **a roofline lower bound** of each path per target, a model whose constants are printed with it.
 
 These are static figures of the code, not measurements: no time is reported.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
 import json
 import math
+import operator
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mxa_kernels
 
-from .cases import KEY_DIM, M5_STAGES, window_side
+from .cases import KEY_DIM, M5_STAGES, Stage, window_side
 
 BATCH = 256
 DTYPE = torch.bfloat16
@@ -158,44 +168,70 @@ def recording_triton_launches(launches: list[TritonLaunch]):
             cls.run = run
 
 
-# --- the cases: each op's arguments on meta tensors at M5's stage shapes ----------------------------------------
+# --- the cases: each op's arguments at M5's stage shapes (or others), on meta tensors ---------------------------
 
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(shape, device="meta", dtype=dtype)
+def _tensor(device: str, *shape, dtype=torch.float32, below: int | None = None) -> torch.Tensor:
+    """An argument of a case: empty on the meta device; on the CPU (the interpreted run, see
+    :func:`interpreted_dots`) standard normal values, or integers in ``[0, below)``."""
+    if device == "meta":
+        return torch.empty(shape, device="meta", dtype=dtype)
+    if below is not None:
+        return torch.randint(0, below, shape, dtype=dtype)
+    return torch.randn(shape).to(dtype)
 
 
-def mxa_branch_cases(batch: int = BATCH):
-    for channels, side, _, _ in M5_STAGES:
+def _boxes(device: str, batch: int) -> torch.Tensor:
+    """One box per sample, (x1, y1, x2, y2): on the CPU the whole map."""
+    if device == "meta":
+        return _tensor(device, batch, 4)
+    return torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(batch, 1)
+
+
+def mxa_branch_cases(batch: int, stages, device: str = "meta", dtype=DTYPE):
+    for channels, side, _, _ in stages:
         for roi_mode in ("crop", "align"):
             hidden = channels // 16
-            args = (_meta(batch, channels, side, side, dtype=DTYPE), _meta(batch, 4), _meta(hidden, channels, 1, 1),
-                    _meta(channels, hidden, 1, 1), _meta(1, 2, 7, 7), roi_mode)
+            args = (_tensor(device, batch, channels, side, side, dtype=dtype), _boxes(device, batch),
+                    _tensor(device, hidden, channels, 1, 1), _tensor(device, channels, hidden, 1, 1),
+                    _tensor(device, 1, 2, 7, 7), roi_mode)
             yield f"{roi_mode} {batch}x{channels}x{side}x{side}", args
 
 
-def window_attention_cases(batch: int = BATCH):
-    for _, side, _, value_dim in M5_STAGES:
+def window_attention_cases(batch: int, stages, device: str = "meta", dtype=DTYPE):
+    for _, side, _, value_dim in stages:
         window = window_side(side)
         tokens = window * window
-        q, k = (_meta(batch, KEY_DIM, side, side, dtype=DTYPE) for _ in range(2))
-        args = (q, k, _meta(batch, value_dim, side, side, dtype=DTYPE), _meta(tokens),
-                _meta(tokens, tokens, dtype=torch.int64), window, KEY_DIM ** -0.5)
+        q, k = (_tensor(device, batch, KEY_DIM, side, side, dtype=dtype) for _ in range(2))
+        args = (q, k, _tensor(device, batch, value_dim, side, side, dtype=dtype), _tensor(device, tokens),
+                _tensor(device, tokens, tokens, dtype=torch.int64, below=tokens), window, KEY_DIM ** -0.5)
         yield f"{batch}x{value_dim}x{side}x{side} window {window}", args
 
 
-def cascaded_attention_cases(batch: int = BATCH):
-    for channels, side, heads, value_dim in M5_STAGES:
+def cascaded_attention_cases(batch: int, stages, device: str = "meta", dtype=DTYPE):
+    for channels, side, heads, value_dim in stages:
         window = window_side(side)
         tokens, kernel, qkv_out = window * window, 5, 2 * KEY_DIM + value_dim
-        args = (_meta(batch, channels, side, side, dtype=DTYPE), _meta(heads, qkv_out, channels // heads, dtype=DTYPE),
-                _meta(heads, qkv_out), _meta(heads, KEY_DIM, kernel, kernel), _meta(heads, KEY_DIM),
-                _meta(heads, tokens), _meta(tokens, tokens, dtype=torch.int32),
-                _meta(channels, heads * value_dim, dtype=DTYPE), _meta(channels), window, KEY_DIM ** -0.5)
+        args = (_tensor(device, batch, channels, side, side, dtype=dtype),
+                _tensor(device, heads, qkv_out, channels // heads, dtype=dtype), _tensor(device, heads, qkv_out),
+                _tensor(device, heads, KEY_DIM, kernel, kernel), _tensor(device, heads, KEY_DIM),
+                _tensor(device, heads, tokens), _tensor(device, tokens, tokens, dtype=torch.int32, below=tokens),
+                _tensor(device, channels, heads * value_dim, dtype=dtype), _tensor(device, channels), window,
+                KEY_DIM ** -0.5)
         yield f"{batch}x{channels}x{side}x{side} heads {heads}", args
 
 
 CASES: dict[str, Callable] = {"mxa_branch": mxa_branch_cases, "window_attention": window_attention_cases,
                               "cascaded_attention_infer": cascaded_attention_cases}
+
+
+def check_stages(stages) -> None:
+    """A clear error for a stage the ops cannot take (the ops check the rest)."""
+    for stage in stages:
+        channels, side, heads, value_dim = stage
+        if min(stage) < 1 or channels % heads or channels < 16:
+            raise ValueError(f"a stage is CHANNELS,SIDE,HEADS,VALUE_DIM with positive sizes, CHANNELS at least 16 "
+                             f"(the channel attention reduces it 16-fold) and a multiple of HEADS; got "
+                             f"{','.join(map(str, stage))}")
 
 
 # --- counting -----------------------------------------------------------------------------------
@@ -229,13 +265,13 @@ def count_pass(fn: Callable[[], None]) -> tuple[OpCount, list[TritonLaunch]]:
     return count, launches
 
 
-def op_figures(name: str, batch: int = BATCH) -> list[dict]:
+def op_figures(name: str, batch: int = BATCH, stages=M5_STAGES) -> list[dict]:
     """Every case and pass of op ``name``: the eager and the fused path's launches and bytes, and the
     fused path's Triton launches."""
     op = mxa_kernels.OPS[name]
     module = op.kernels_module()
     rows = []
-    for case, args in CASES[name](batch):
+    for case, args in CASES[name](batch, stages):
         fused = module.launch_passes(*args)
         eager = eager_passes(op, args)
         for pass_name, fused_fn in fused.items():  # in order: a backward uses its forward's outputs
@@ -243,12 +279,148 @@ def op_figures(name: str, batch: int = BATCH) -> list[dict]:
             with flops:  # the useful matrix-product FLOPs, the same math on both paths
                 eager_count, _ = count_pass(eager[pass_name])
             torch_ops, triton = count_pass(fused_fn)
-            rows.append(dict(op=name, case=case, pass_=pass_name, flops=flops.get_total_flops(),
+            rows.append(dict(op=name, case=case, pass_=pass_name, eager_flops=flops.get_total_flops(),
                              eager_launches=eager_count.launches,
                              eager_bytes=eager_count.bytes, fused_launches=torch_ops.launches + len(triton),
                              fused_bytes=torch_ops.bytes + sum(t.bytes for t in triton),
                              torch_ops=[n for n, _ in torch_ops.ops], triton=triton))
     return rows
+
+
+# --- per program: loop trip counts and the tl.dot tiles' useful products ----------------------------------------
+
+_LOOP_CALLS = {"range", "tl.range", "tl.static_range"}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+              ast.Mod: operator.mod}
+
+
+def _evaluate(node: ast.expr, names: dict) -> int:
+    """An integer loop bound: names, constants, + - * // %, unary minus and ``tl.cdiv`` / ``triton.cdiv``
+    (KeyError: something else)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.left, names), _evaluate(node.right, names))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand, names)
+    if isinstance(node, ast.Call) and ast.unparse(node.func) in ("tl.cdiv", "triton.cdiv") and len(node.args) == 2:
+        numerator, denominator = (_evaluate(a, names) for a in node.args)
+        return -(-numerator // denominator)
+    raise KeyError(ast.unparse(node))
+
+
+def loop_trips(launch: TritonLaunch) -> list[dict]:
+    """Each ``for`` loop of the launched kernel: its source line, its iterable, its trip count with
+    this launch's arguments (``range``, ``tl.range`` and ``tl.static_range`` bounds, evaluated) and the
+    iterations of its body in one program (times the trips of the loops around it)."""
+    import triton.language as tl
+
+    fn = launch.kernel.fn
+    lines, first = inspect.getsourcelines(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    names = {k: v.value for k, v in fn.__globals__.items() if isinstance(v, tl.constexpr)}
+    names.update({k: v for k, v in {**launch.args, **launch.options}.items() if isinstance(v, (int, float))})
+    for node in ast.walk(tree):  # a helper's loops would need its arguments: none has one, and none may
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            helper = fn.__globals__.get(node.func.id)
+            if hasattr(helper, "fn") and any(isinstance(n, ast.For) for n in ast.walk(
+                    ast.parse(textwrap.dedent(inspect.getsource(helper.fn))))):
+                raise NotImplementedError(f"{launch.name} calls {node.func.id}, which has a loop: the cost "
+                                          "report counts loops in kernels only")
+    loops = []
+
+    def visit(node, outer: int) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.For):
+                call = child.iter
+                if not (isinstance(call, ast.Call) and ast.unparse(call.func) in _LOOP_CALLS):
+                    raise NotImplementedError(f"{launch.name} line {first + child.lineno - 1}: a loop over "
+                                              f"{ast.unparse(call)}, not a range")
+                try:
+                    bounds = [_evaluate(a, names) for a in call.args]
+                except KeyError as exc:
+                    raise NotImplementedError(f"{launch.name} line {first + child.lineno - 1}: the bound of "
+                                              f"{ast.unparse(call)} is not a function of the kernel's "
+                                              f"arguments ({exc.args[0]})") from exc
+                trips = len(range(*bounds))
+                loops.append(dict(line=first + child.lineno - 1, loop=ast.unparse(call), trips=trips,
+                                  per_program=outer * trips))
+                visit(child, outer * trips)
+            else:
+                visit(child, outer)
+
+    visit(tree, 1)
+    return loops
+
+
+@contextlib.contextmanager
+def recording_dots(launches: list[dict]):
+    """In Triton's interpreter (TRITON_INTERPRET=1), each launch inside the block appends to ``launches``
+    its kernel, its programs and, over all its programs, the padded multiply-adds of its ``tl.dot``
+    tiles (M x K x N each) and the useful ones: a row of A, a column of B or an index of the inner
+    dimension whose operand slice holds only zeros or non-finite values is padding (masked loads fill
+    padding with zeros; a padded row of scores, all -inf, becomes NaN after its softmax)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = type(interpreter.interpreter_builder)
+    run, set_grid_dim, create_dot = interpreter.GridExecutor.__call__, builder.set_grid_dim, builder.create_dot
+
+    def recorded_run(self, *args, **kwargs):
+        launches.append(dict(kernel=self.fn.__name__, programs=0, padded=0, useful=0))
+        return run(self, *args, **kwargs)
+
+    def recorded_grid(self, nx, ny, nz):
+        launches[-1]["programs"] = nx * ny * nz
+        return set_grid_dim(self, nx, ny, nz)
+
+    def recorded_dot(self, a, b, d, *args):
+        nonzero_a, nonzero_b = ((t.data != 0) & np.isfinite(t.data) for t in (a, b))
+        rows, cols = nonzero_a.any(-1).sum(-1), nonzero_b.any(-2).sum(-1)
+        inner = (nonzero_a.any(-2) & nonzero_b.any(-1)).sum(-1)
+        launches[-1]["padded"] += int(np.prod(a.data.shape)) * b.data.shape[-1]
+        launches[-1]["useful"] += int(np.sum(rows * inner * cols))
+        return create_dot(self, a, b, d, *args)
+
+    interpreter.GridExecutor.__call__, builder.set_grid_dim, builder.create_dot = (recorded_run, recorded_grid,
+                                                                                     recorded_dot)
+    try:
+        yield
+    finally:
+        interpreter.GridExecutor.__call__, builder.set_grid_dim, builder.create_dot = run, set_grid_dim, create_dot
+
+
+def interpreted_dots(ops, stages) -> list[list[dict]]:
+    """The launches of every case of ``ops`` (per op, case and pass, in report order) with their
+    ``tl.dot`` figures (:func:`recording_dots`), run in Triton's interpreter at batch 1 on CPU tensors
+    of random values, every box the whole map (so that only padding is counted, not a crop). In
+    float16, which numpy holds, for bfloat16, which the interpreter multiplies wrongly: the same kernels."""
+    torch.manual_seed(0)
+    figures = []
+    for name in ops:
+        module = mxa_kernels.OPS[name].kernels_module()
+        for _, args in CASES[name](1, stages, device="cpu", dtype=torch.float16):
+            # an uninitialized gradient would make the useful products depend on memory
+            for pass_fn in module.launch_passes(*args, grad_like=torch.randn_like).values():
+                launches = []
+                # numpy warns of the padding's inf and NaN
+                with recording_dots(launches), warnings.catch_warnings(action="ignore", category=RuntimeWarning):
+                    pass_fn()
+                figures.append(launches)
+    return figures
+
+
+def dot_figures(ops, stages) -> list[list[dict]]:
+    """:func:`interpreted_dots` in a child process with the interpreter on (this one builds for GPUs)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("MXA_POISON_EMPTY", None)
+    result = subprocess.run([sys.executable, "-m", "mxa_bench.cost", "--interpreted-dots", ",".join(ops),
+                             json.dumps([list(s) for s in stages])], capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f"the interpreted run of the cost report's tl.dot figures failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout)
 
 
 # --- building a recorded launch for a target --------------------------------------------------------------------
@@ -317,12 +489,20 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int, 
 
 # --- the report ---------------------------------------------------------------------------------
 
-def launch_figures(launch: TritonLaunch, targets: dict[str, Target], built: dict) -> dict:
-    """The launch's grid and warps, and per target its build and occupancy (``built`` caches builds)."""
+def launch_figures(launch: TritonLaunch, dots: dict, batch: int, targets: dict[str, Target], built: dict) -> dict:
+    """The launch's grid and warps, its loops, its tl.dot products (``dots``: the launch's interpreted
+    figures at batch 1, times ``batch``), and per target its build and occupancy (``built`` caches builds)."""
+    if dots["kernel"] != launch.name or dots["programs"] * batch != launch.programs:
+        raise RuntimeError(f"the interpreted run launched {dots['kernel']} on {dots['programs']} programs at batch 1, "
+                           f"the recorded one {launch.name} on {launch.programs} at batch {batch}: the tl.dot "
+                           "figures would not be this launch's")
     signature, constexprs = launch_build(launch)
     num_warps = launch.options.get("num_warps", 4)
+    loops = loop_trips(launch)
     figures = dict(kernel=launch.name, grid=list(launch.grid), programs=launch.programs, num_warps=num_warps,
-                   bytes=launch.bytes)
+                   bytes=launch.bytes, loops=loops, longest_loop=max((loop["per_program"] for loop in loops), default=0),
+                   dot_macs_padded=dots["padded"] * batch, dot_macs_useful=dots["useful"] * batch,
+                   dot_efficiency=dots["useful"] / dots["padded"] if dots["padded"] else None)
     for name, target in targets.items():
         key = (launch.name, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))), num_warps,
                name)
@@ -333,19 +513,30 @@ def launch_figures(launch: TritonLaunch, targets: dict[str, Target], built: dict
     return figures
 
 
-def report(ops=None, targets=None, batch: int = BATCH, progress=print) -> list[dict]:
+def report(ops=None, targets=None, batch: int = BATCH, stages=M5_STAGES, progress=print) -> list[dict]:
     """Records of every op (or ``ops``), case and pass: launches and bytes of both paths, and the fused
     path's Triton launches with their figures per target."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the cost report builds the kernels for GPU targets, which the Triton interpreter "
                            "cannot: run it without TRITON_INTERPRET=1")
+    check_stages(stages)
+    ops = list(ops or mxa_kernels.OPS)
     targets = {name: TARGETS[name] for name in (targets or TARGETS)}
+    dots = iter(dot_figures(ops, stages))
     built, records = {}, []
-    for name in ops or mxa_kernels.OPS:
-        for row in op_figures(name, batch):
-            triton = [launch_figures(launch, targets, built) for launch in row.pop("triton")]
+    for name in ops:
+        for row in op_figures(name, batch, stages):
+            recorded = row.pop("triton")
+            interpreted = next(dots)
+            if len(interpreted) != len(recorded):
+                raise RuntimeError(f"{name} {row['case']}: the interpreted run launched {len(interpreted)} kernels, "
+                                   f"the recorded one {len(recorded)}")
+            triton = [launch_figures(launch, d, batch, targets, built) for launch, d in zip(recorded, interpreted)]
             row["pass"] = row.pop("pass_")
-            model = {name: {path: round(roofline_us(row[f"{path}_bytes"], row["flops"], row[f"{path}_launches"], t), 1)
+            # the fused path's FLOPs: its padded tile products, or the useful FLOPs where those are fewer
+            row["fused_flops"] = max(row["eager_flops"], 2 * sum(t["dot_macs_padded"] for t in triton))
+            model = {name: {path: round(roofline_us(row[f"{path}_bytes"], row[f"{path}_flops"],
+                                                    row[f"{path}_launches"], t), 1)
                             for path in ("eager", "fused")} for name, t in targets.items()}
             records.append(dict(row, byte_ratio=row["eager_bytes"] / row["fused_bytes"], triton=triton,
                                 dtype=str(DTYPE).removeprefix("torch."), targets=sorted(targets),
@@ -364,15 +555,23 @@ def format_record(r: dict) -> str:
         per_target = "; ".join(f"{name} regs {t[name]['registers']} spill {t[name]['spill_bytes']} smem "
                                f"{t[name]['shared_bytes']} resident {t[name]['resident']} waves {t[name]['waves']} "
                                f"sass {t[name]['sass_instructions']}" for name in r["targets"])
+        dots = (f"tl.dot {t['dot_efficiency']:.0%} useful of {t['dot_macs_padded'] / 1e9:.2f} G MACs"
+                if t["dot_macs_padded"] else "no tl.dot")
+        loops = ", ".join(f"{loop['loop']} x{loop['per_program']}" for loop in t["loops"]) or "none"
         lines.append(f"    {t['kernel']:<32} grid {'x'.join(map(str, t['grid'])):<8} warps {t['num_warps']} | {per_target}")
+        lines.append(f"    {'':<32} {dots}; loop trips per program: {loops}")
     return "\n".join(lines)
 
 
 # --- the gate -----------------------------------------------------------------------------------
 
 BASELINE = os.path.join(os.path.dirname(__file__), "baselines", "cost.json")
-# per Triton launch and target: which way each figure gets worse
-LAUNCH_WORSE = {"registers": "higher", "spill_bytes": "higher", "resident": "lower"}
+# which way each figure gets worse: per Triton launch, and per launch and target
+LAUNCH_WORSE = {"programs": "lower", "longest_loop": "higher", "dot_macs_padded": "higher", "dot_efficiency": "lower"}
+TARGET_WORSE = {"registers": "higher", "spill_bytes": "higher", "resident": "lower"}
+
+
+_MISSING = object()
 
 
 def _key(r: dict) -> tuple:
@@ -381,13 +580,16 @@ def _key(r: dict) -> tuple:
 
 def regressions(records: list[dict], baseline: list[dict], complete: bool = True) -> tuple[list[str], list[str]]:
     """(worse, better): each figure of ``records`` worse or better than the baseline's. Worse: more
-    launches or bytes on either path, another kernel, a smaller grid, and per target more registers,
-    more spill bytes or fewer resident programs. ``complete``: the run covers every baseline record."""
+    launches or bytes on either path, another kernel, and per target more registers,
+    more spill bytes or fewer resident programs, and per launch a smaller grid, a longer loop, more
+    padded tl.dot products or a smaller useful share of them. ``complete``: the run covers every baseline record."""
     base = {_key(r): r for r in baseline}
     worse, better = [], []
 
     def compare(what: str, new, old, worse_if: str) -> None:
-        if new != old:
+        if old is _MISSING:
+            worse.append(f"{what}: not in the baseline (write it with --write-baseline)")
+        elif new != old and None not in (new, old):  # (a kernel without tl.dot has no dot efficiency)
             got_worse = (new > old) == (worse_if == "higher")
             (worse if got_worse else better).append(f"{what}: {old} -> {new}")
 
@@ -398,16 +600,17 @@ def regressions(records: list[dict], baseline: list[dict], complete: bool = True
             continue
         b = base.pop(_key(r))
         for field_name in ("eager_launches", "eager_bytes", "fused_launches", "fused_bytes"):
-            compare(f"{name} {field_name}", r[field_name], b[field_name], "higher")
+            compare(f"{name} {field_name}", r[field_name], b.get(field_name, _MISSING), "higher")
         if [t["kernel"] for t in r["triton"]] != [t["kernel"] for t in b["triton"]]:
             worse.append(f"{name}: Triton launches {[t['kernel'] for t in b['triton']]} -> "
                          f"{[t['kernel'] for t in r['triton']]}")
             continue
         for t, bt in zip(r["triton"], b["triton"]):
-            compare(f"{name} {t['kernel']} programs", t["programs"], bt["programs"], "lower")
+            for figure, worse_if in LAUNCH_WORSE.items():
+                compare(f"{name} {t['kernel']} {figure}", t[figure], bt.get(figure, _MISSING), worse_if)
             for target in sorted(set(r["targets"]) & set(b["targets"])):
-                for figure, worse_if in LAUNCH_WORSE.items():
-                    compare(f"{name} {t['kernel']} {target} {figure}", t[target][figure], bt[target][figure], worse_if)
+                for figure, worse_if in TARGET_WORSE.items():
+                    compare(f"{name} {t['kernel']} {target} {figure}", t[target][figure], bt[target].get(figure, _MISSING), worse_if)
     if complete:
         worse += [f"{' '.join(k)}: in the baseline, not measured" for k in base]
     return worse, better
@@ -429,17 +632,26 @@ def main(args) -> int:
     unknown = sorted(set(ops or ()) - set(mxa_kernels.OPS))
     if unknown:
         raise ValueError(f"--cases for the cost suite names fused ops ({', '.join(mxa_kernels.OPS)}), got {unknown}")
-    batch = args.batch or BATCH
-    print(f"cost report: static figures of the fused ops at batch {batch}, {str(DTYPE).removeprefix('torch.')}, no "
-          "GPU: launches and bytes on meta tensors, registers, spills and shared memory from Triton's compiler "
-          "and ptxas; not measurements\ntargets: " + "; ".join(
+    batch = BATCH if args.batch is None else args.batch
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    stages = tuple(Stage(*s) for s in args.stage) if args.stage else M5_STAGES
+    check_stages(stages)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("the cost suite builds the kernels for GPU targets, which the Triton interpreter cannot: "
+                         "run it without TRITON_INTERPRET=1")
+    print(f"cost report: static figures of the fused ops at batch {batch}, {str(DTYPE).removeprefix('torch.')}, "
+          f"stages (channels, side, heads, value dim) {', '.join('x'.join(map(str, s)) for s in stages)}; no GPU: "
+          "launches and bytes on meta tensors, registers, spills and shared memory from Triton's compiler and "
+          "ptxas, loop trips from the kernels' source, tl.dot products in Triton's interpreter; not "
+          "measurements\ntargets: " + "; ".join(
               f"{n} ({t.name}: {t.sms} SMs, {t.registers} registers, {t.shared_bytes // 1024} KB shared memory, "
               f"{t.max_warps} warps per SM)" for n, t in TARGETS.items())
-          + "\nroofline model (a lower bound, not a measurement): max(bytes / copy bandwidth, useful FLOPs / bf16 "
-          "peak) + launches x a launch cost; " + "; ".join(
+          + "\nroofline model (a lower bound, not a measurement): max(bytes / copy bandwidth, FLOPs / bf16 peak) "
+          "+ launches x a launch cost, FLOPs: eager the useful ones, fused the padded tl.dot ones; " + "; ".join(
               f"{n}: {t.copy_bytes_per_s / 1e12:.1f} TB/s, {t.bf16_flops_per_s / 1e12:.0f} TFLOP/s, "
               f"{t.launch_s * 1e6:.0f} us per launch" for n, t in TARGETS.items()), flush=True)
-    records = report(ops, batch=batch, progress=lambda line: print(line, flush=True))
+    records = report(ops, batch=batch, stages=stages, progress=lambda line: print(line, flush=True))
     if args.json:
         write_baseline(args.json, records)
         print(f"wrote {args.json}")
@@ -447,8 +659,8 @@ def main(args) -> int:
         write_baseline(args.write_baseline, records)
         print(f"wrote the baseline {args.write_baseline}")
         return 0
-    if batch != BATCH:
-        print(f"(the baseline holds batch {BATCH}: not compared at --batch {batch})")
+    if batch != BATCH or stages != M5_STAGES:
+        print(f"(the baseline holds M5's stages at batch {BATCH}: not compared)")
         return 0
     with open(args.baseline or BASELINE) as f:
         worse, better = regressions(records, json.load(f), complete=ops is None)
@@ -458,3 +670,9 @@ def main(args) -> int:
         print(f"regression: {line}")
     print(f"{len(worse)} figure(s) worse and {len(better)} better than {args.baseline or os.path.relpath(BASELINE)}")
     return 1 if worse else 0
+
+
+if __name__ == "__main__":  # the interpreted run of dot_figures: --interpreted-dots OPS STAGES_JSON
+    if len(sys.argv) != 4 or sys.argv[1] != "--interpreted-dots":
+        sys.exit("usage: python -m mxa_bench.cost --interpreted-dots OP[,OP...] '[[C, SIDE, HEADS, DV], ...]'")
+    print(json.dumps(interpreted_dots(sys.argv[2].split(","), [Stage(*s) for s in json.loads(sys.argv[3])])))

@@ -333,6 +333,8 @@ def main(args: argparse.Namespace) -> int:
         from .cost import main as cost_report
 
         return cost_report(args)
+    if args.stage:
+        raise BenchError("--stage takes the cost suite's shapes (--suite cost); the other suites have their cases")
     if args.batch is not None and args.batch < 1:
         raise BenchError(f"--batch must be at least 1, got {args.batch}")
     if args.repeats is not None and args.repeats < 1:

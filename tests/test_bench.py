@@ -254,11 +254,21 @@ def test_a_failing_provider_is_reported_and_the_others_still_timed():
     (["--batch", "0"], "--batch must be at least 1"),
     (["--baseline", "missing.json"], "cannot read baseline missing.json"),
     (["--from-json", "pyproject.toml"], "cannot read benchmark records pyproject.toml"),
+    (["--stage", "32,4,2,16"], "--stage takes the cost suite's shapes"),
+    (["--suite", "cost", "--stage", "30,4,4,16"], "a multiple of HEADS; got 30,4,4,16"),
+    (["--suite", "cost", "--batch", "0"], "--batch must be at least 1"),
 ])
 def test_bad_requests_give_one_line_errors(capsys, argv, message):
     assert cli.main(["bench", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mxa: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_cost_suite_refuses_the_interpreter_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["bench", "--suite", "cost"]) == 1
+    err = capsys.readouterr().err
+    assert "run it without TRITON_INTERPRET=1" in err and err.count("\n") == 1
 
 
 def test_list_shows_the_cases(capsys):

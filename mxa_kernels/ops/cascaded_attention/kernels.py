@@ -178,9 +178,9 @@ def builds(all_configs: bool = False) -> list:
             for dtype in BUILD_DTYPES for name, width in head_widths.items()]
 
 
-def launch_passes(*args) -> dict:
-    """The fused forward as a call of the launcher (inference only: no backward), for the cost report
-    (bench/cost.py), which records its launches."""
+def launch_passes(*args, grad_like=None) -> dict:
+    """The fused forward as a call of the launcher, for the cost report (bench/cost.py), which records
+    its launches. Inference only: no backward, so ``grad_like`` (the other ops' gradient) is not used."""
     return {"forward": lambda: cascaded_attention_infer_forward(*args)}
 
 

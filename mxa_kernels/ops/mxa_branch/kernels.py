@@ -528,16 +528,18 @@ def builds(all_configs: bool = False) -> list:
     return result
 
 
-def launch_passes(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode="crop") -> dict:
+def launch_passes(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode="crop",
+                  grad_like=torch.empty_like) -> dict:
     """The fused forward and backward as calls of the launchers, in order (the backward takes the
-    forward's outputs), for the cost report (bench/cost.py), which records their launches."""
+    forward's outputs and the gradient ``grad_like(out)``), for the cost report (bench/cost.py), which
+    records their launches."""
     align, saved = roi_mode == "align", []
 
     def forward():
         saved[:] = mxa_branch_forward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align)
 
     def backward():
-        mxa_branch_backward(torch.empty_like(saved[0]), x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight,
+        mxa_branch_backward(grad_like(saved[0]), x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight,
                             *saved[1:], align)
 
     return {"forward": forward, "backward": backward}

@@ -178,9 +178,10 @@ def builds(all_configs: bool = False) -> list:
             for kernel in (window_attention_fwd_kernel, window_attention_bwd_kernel) for dtype in BUILD_DTYPES]
 
 
-def launch_passes(q, k, v, bias, bias_idx, window, scale) -> dict:
+def launch_passes(q, k, v, bias, bias_idx, window, scale, grad_like=torch.empty_like) -> dict:
     """The fused forward and backward as calls of the launchers, in order (the backward takes the
-    forward's outputs), for the cost report (bench/cost.py), which records their launches."""
+    forward's outputs and the gradient ``grad_like(out)``), for the cost report (bench/cost.py), which
+    records their launches."""
     saved = []
 
     def forward():
@@ -188,7 +189,7 @@ def launch_passes(q, k, v, bias, bias_idx, window, scale) -> dict:
 
     def backward():
         out, rows = saved
-        window_attention_backward(torch.empty_like(out), q, k, v, bias, bias_idx, rows, window, scale)
+        window_attention_backward(grad_like(out), q, k, v, bias, bias_idx, rows, window, scale)
 
     return {"forward": forward, "backward": backward}
 
