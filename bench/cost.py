@@ -181,10 +181,12 @@ def _tensor(device: str, *shape, dtype=torch.float32, below: int | None = None) 
 
 
 def _boxes(device: str, batch: int) -> torch.Tensor:
-    """One box per sample, (x1, y1, x2, y2): on the CPU the whole map."""
+    """One box per sample, (x1, y1, x2, y2). On the CPU one just inside the map: the whole map would
+    resample to the identity, which the kernels skip; this one takes the products, in align mode on
+    every pixel (crop mode snaps it to a crop one pixel short of the right and bottom borders)."""
     if device == "meta":
         return _tensor(device, batch, 4)
-    return torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(batch, 1)
+    return torch.tensor([[0.01, 0.01, 0.99, 0.99]]).repeat(batch, 1)
 
 
 def mxa_branch_cases(batch: int, stages, device: str = "meta", dtype=DTYPE):
@@ -294,9 +296,12 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
               ast.Mod: operator.mod}
 
 
+_GRID = "<grid>"  # the key of the launch's grid among the names
+
+
 def _evaluate(node: ast.expr, names: dict) -> int:
-    """An integer loop bound: names, constants, + - * // %, unary minus and ``tl.cdiv`` / ``triton.cdiv``
-    (KeyError: something else)."""
+    """An integer loop bound: names, constants, + - * // %, unary minus, ``tl.cdiv`` / ``triton.cdiv``
+    and ``tl.num_programs`` (KeyError: something else)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return node.value
     if isinstance(node, ast.Name) and node.id in names:
@@ -308,13 +313,18 @@ def _evaluate(node: ast.expr, names: dict) -> int:
     if isinstance(node, ast.Call) and ast.unparse(node.func) in ("tl.cdiv", "triton.cdiv") and len(node.args) == 2:
         numerator, denominator = (_evaluate(a, names) for a in node.args)
         return -(-numerator // denominator)
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.num_programs" and len(node.args) == 1:
+        grid = names[_GRID]
+        axis = _evaluate(node.args[0], names)
+        return grid[axis] if axis < len(grid) else 1
     raise KeyError(ast.unparse(node))
 
 
 def loop_trips(launch: TritonLaunch) -> list[dict]:
     """Each ``for`` loop of the launched kernel: its source line, its iterable, its trip count with
-    this launch's arguments (``range``, ``tl.range`` and ``tl.static_range`` bounds, evaluated) and the
-    iterations of its body in one program (times the trips of the loops around it)."""
+    this launch's arguments and grid (``range``, ``tl.range`` and ``tl.static_range`` bounds, evaluated,
+    with the kernel's top-level scalar assignments) and the iterations of its body in one program
+    (times the trips of the loops around it)."""
     import triton.language as tl
 
     fn = launch.kernel.fn
@@ -322,6 +332,14 @@ def loop_trips(launch: TritonLaunch) -> list[dict]:
     tree = ast.parse(textwrap.dedent("".join(lines)))
     names = {k: v.value for k, v in fn.__globals__.items() if isinstance(v, tl.constexpr)}
     names.update({k: v for k, v in {**launch.args, **launch.options}.items() if isinstance(v, (int, float))})
+    names[_GRID] = launch.grid
+    for statement in tree.body[0].body:  # the kernel's top-level scalar assignments, where they evaluate
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0],
+                                                                                               ast.Name):
+            try:
+                names[statement.targets[0].id] = _evaluate(statement.value, names)
+            except KeyError:
+                names.pop(statement.targets[0].id, None)
     for node in ast.walk(tree):  # a helper's loops would need its arguments: none has one, and none may
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             helper = fn.__globals__.get(node.func.id)
@@ -395,7 +413,7 @@ def recording_dots(launches: list[dict]):
 def interpreted_dots(ops, stages) -> list[list[dict]]:
     """The launches of every case of ``ops`` (per op, case and pass, in report order) with their
     ``tl.dot`` figures (:func:`recording_dots`), run in Triton's interpreter at batch 1 on CPU tensors
-    of random values, every box the whole map (so that only padding is counted, not a crop). In
+    of random values and boxes just inside the map (see :func:`_boxes`). In
     float16, which numpy holds, for bfloat16, which the interpreter multiplies wrongly: the same kernels."""
     torch.manual_seed(0)
     figures = []
@@ -492,7 +510,8 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int, 
 def launch_figures(launch: TritonLaunch, dots: dict, batch: int, targets: dict[str, Target], built: dict) -> dict:
     """The launch's grid and warps, its loops, its tl.dot products (``dots``: the launch's interpreted
     figures at batch 1, times ``batch``), and per target its build and occupancy (``built`` caches builds)."""
-    if dots["kernel"] != launch.name or dots["programs"] * batch != launch.programs:
+    scales = dots["programs"] * batch == launch.programs or not dots["padded"]  # (a launch without tl.dot: 0)
+    if dots["kernel"] != launch.name or not scales:
         raise RuntimeError(f"the interpreted run launched {dots['kernel']} on {dots['programs']} programs at batch 1, "
                            f"the recorded one {launch.name} on {launch.programs} at batch {batch}: the tl.dot "
                            "figures would not be this launch's")

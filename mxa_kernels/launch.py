@@ -67,8 +67,9 @@ def kernel_build(kernel, config: str, dtype: str, launch: LaunchConfig, constexp
     ``index_pointers`` to int32, every other pointer to float32; scalars named
     ``scale`` are fp32, other scalars i32. Strides of the last dimension (``s..w``) are 1 at run time,
     which Triton makes constants, so they are built as such."""
-    constexprs = {**constexprs, **launch.tiles, "PREC": dot_precision(BUILD_DTYPES[dtype]),
-                  **{n: 1 for n in kernel.arg_names if re.fullmatch(r"s[a-z]+w", n)}}
+    constexprs = {name: value for name, value in {
+        **constexprs, **launch.tiles, "PREC": dot_precision(BUILD_DTYPES[dtype]),
+        **{n: 1 for n in kernel.arg_names if re.fullmatch(r"s[a-z]+w", n)}}.items() if name in kernel.arg_names}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

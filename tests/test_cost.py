@@ -119,27 +119,28 @@ def _loops_kernel(x_ptr, C, BC: tl.constexpr, HEADS: tl.constexpr):
     for c0 in range(0, C, BC):
         for h in tl.static_range(HEADS):
             tl.store(x_ptr + c0 + h, 0.0)
-    for i in range(tl.cdiv(C, 2 * BC)):
+    blocks = tl.num_programs(1) * 2
+    for i in range(tl.cdiv(C, 2 * BC) + blocks):
         tl.store(x_ptr + i, 1.0)
 
 
 @triton.jit
-def _local_bound_kernel(x_ptr, C):
-    n = C * 2
+def _loaded_bound_kernel(x_ptr, C):
+    n = tl.load(x_ptr).to(tl.int32) + C
     for i in range(n):
         tl.store(x_ptr + i, 0.0)
 
 
 def test_loop_trips_evaluate_the_bounds_with_the_launch_arguments():
     x = torch.zeros(64)
-    launch = cost.TritonLaunch(_loops_kernel, (1,), dict(x_ptr=x, C=50), dict(BC=8, HEADS=3, num_warps=4))
+    launch = cost.TritonLaunch(_loops_kernel, (5, 3), dict(x_ptr=x, C=50), dict(BC=8, HEADS=3, num_warps=4))
     first = _loops_kernel.fn.__code__.co_firstlineno
     assert cost.loop_trips(launch) == [
         dict(line=first + 2, loop="range(0, C, BC)", trips=7, per_program=7),
         dict(line=first + 3, loop="tl.static_range(HEADS)", trips=3, per_program=21),
-        dict(line=first + 5, loop="range(tl.cdiv(C, 2 * BC))", trips=4, per_program=4)]
+        dict(line=first + 6, loop="range(tl.cdiv(C, 2 * BC) + blocks)", trips=4 + 6, per_program=10)]
     with pytest.raises(NotImplementedError, match="not a function of the kernel's arguments"):
-        cost.loop_trips(cost.TritonLaunch(_local_bound_kernel, (1,), dict(x_ptr=x, C=3), {}))
+        cost.loop_trips(cost.TritonLaunch(_loaded_bound_kernel, (1,), dict(x_ptr=x, C=3), {}))
 
 
 @triton.jit
@@ -176,24 +177,41 @@ def test_stages_on_the_command_line_are_checked():
 
 
 def test_mxa_branch_fused_counts_by_hand():
-    """B = 2, 4 channels, 3x3 maps, align mode: one forward launch; two backward launches with the
-    channel-attention MLP's backward and the weight and box sums between them."""
+    """B = 2, 4 channels (one block), 3x3 maps, 1 hidden channel, align mode, float32: four forward and
+    five backward launches, no PyTorch op between them."""
     x, boxes, w1, w2, ws = meta(2, 4, 3, 3), meta(2, 4), meta(1, 4, 1, 1), meta(4, 1, 1, 1), meta(1, 2, 7, 7)
     passes = mxa_kernels.OPS["mxa_branch"].kernels_module().launch_passes(x, boxes, w1, w2, ws, "align")
+    maps, per_channel, per_pixel, box = 2 * 4 * 9, 2 * 4, 2 * 9, 2 * 4  # elements of (B, C, H, W), (B, C), ...
+    sa_w, hidden = 98, 2  # the 7x7 weights; the hidden layer and each one-block share of it (B, 1)
     forward, launches = cost.count_pass(passes["forward"])
     assert not forward.ops
-    (launch,) = launches
-    assert launch.name == "mxa_branch_fwd_kernel" and launch.grid == (2,)
-    maps, per_channel, per_pixel = 2 * 4 * 9 * FP32, 2 * 4 * FP32, 2 * 9 * FP32
-    # x, boxes, the two channel-attention weights and the 7x7 one, out; pooled, hidden, channel weights,
-    # max/mean, argmax, spatial weights
-    assert launch.bytes == (maps + 2 * 4 * FP32 + 2 * 4 * FP32 + 98 * FP32 + maps
-                            + per_channel + 2 * FP32 + per_channel + 2 * per_pixel + per_pixel + per_pixel)
+    assert [(t.name, t.grid, t.bytes) for t in launches] == [
+        # x, box, W1 in; channel means, hidden share out
+        ("mxa_branch_fwd_pool_kernel", (2, 1), (maps + box + 4 + per_channel + hidden) * FP32),
+        # x, box, W2, hidden shares in; hidden, channel weights, the block's max, argmax (int32) and sum out
+        ("mxa_branch_fwd_stats_kernel", (2, 1), (maps + box + 4 + hidden + hidden + per_channel + 3 * per_pixel) * FP32),
+        # the three partials, the 7x7 weights in; max and mean, argmax, spatial weights out
+        ("mxa_branch_fwd_spatial_kernel", (2,), (3 * per_pixel + sa_w + 2 * per_pixel + 2 * per_pixel) * FP32),
+        ("mxa_branch_fwd_out_kernel", (2, 1), (maps + box + per_channel + per_pixel + maps) * FP32)]
     backward, launches = cost.count_pass(passes["backward"])
-    assert [n for n, _ in backward.ops] == ["mul", "rsub", "mul", "clamp", "mm", "mm", "gt", "mul", "mm", "mm",
-                                            "sum", "sum"]
-    assert [(t.name, t.grid) for t in launches] == [("mxa_branch_bwd_channel_kernel", (2,)),
-                                                   ("mxa_branch_bwd_input_kernel", (2, 1))]
+    assert not backward.ops
+    assert [(t.name, t.grid, t.bytes) for t in launches] == [
+        # x, grad out, box, channel weights in; the block's share of the spatial weights' gradient out
+        ("mxa_branch_bwd_spatial_part_kernel", (2, 1), (2 * maps + box + per_channel + per_pixel) * FP32),
+        # the share, spatial weights, max and mean, 7x7 weights in; pre-sigmoid gradient (scratch), max and
+        # mean gradients, per-sample 7x7 weight gradients out
+        ("mxa_branch_bwd_spatial_kernel", (2,), (3 * per_pixel + 2 * per_pixel + sa_w + 2 * per_pixel + 2 * sa_w) * FP32),
+        # x, grad out, box, W2, channel weights, spatial weights, argmax, max/mean gradients in; logit
+        # gradients and the hidden gradient's share out
+        ("mxa_branch_bwd_channel_kernel", (2, 1),
+         (2 * maps + box + 4 + per_channel + per_pixel + per_pixel + 2 * per_pixel + per_channel + hidden) * FP32),
+        # as above with W1 and the hidden layer, the shares in; hidden gradient, grad x, box shares out
+        ("mxa_branch_bwd_input_kernel", (2, 1), (2 * maps + box + 4 + hidden + per_channel + per_pixel + per_pixel
+                                                 + 2 * per_pixel + hidden + hidden + maps + box) * FP32),
+        # hidden gradient, channel means, logit gradients, hidden, per-sample 7x7 and box shares in; the
+        # weights' (W1, W2, 7x7) and the boxes' gradients out
+        ("mxa_branch_bwd_weights_kernel", (2,), (hidden + per_channel + per_channel + hidden + 2 * sa_w + box
+                                                 + 4 + 4 + sa_w + box) * FP32)]
 
 
 def test_cascaded_attention_fused_counts_by_hand():

@@ -141,7 +141,28 @@ def test_every_launch_configuration(height, width, roi_mode):
 
 @pytest.mark.parametrize("block_c", fused.SHIPPED_CONFIGS)
 def test_each_channel_block_on_one_shape(block_c):
-    check(2, 37, 7, 9, "align", block_c=block_c)
+    check(2, 37, 9, 13, "align", block_c=block_c)  # (maps of more than 64 pixels take a channel block)
+
+
+@pytest.mark.parametrize("height,width,kron", [(7, 7, True), (4, 4, True), (8, 8, True), (5, 13, False),
+                                               (14, 14, False)])
+def test_small_maps_resample_through_the_kronecker_matrix(height, width, kron):
+    options = fused._launch_options(torch.empty(1, 16, height, width), None)
+    assert options["KRON"] == kron
+    check(2, 19, height, width, "align")
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_whole_map_boxes_resample_to_their_input_exactly(dtype):
+    """The kernels skip the resample of a box whose taps are the identity: the reference's resample of
+    such a box (a whole-map, empty or inverted crop; the whole map in align mode) is its input, bit for
+    bit, so the skip changes nothing."""
+    x = torch.randn(4, 6, 7, 9).to(dtype)
+    crop = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.1, 0.8], [-0.1, 0.0, 1.2, 1.0]])
+    assert torch.equal(mxa_kernels.ops.mxa_branch.reference.roi_resample(x, crop, "crop"), x)
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(4, 1)
+    assert torch.equal(mxa_kernels.ops.mxa_branch.reference.roi_resample(x, whole, "align"), x)
 
 
 def test_launch_configurations_are_the_shipped_ones():

@@ -54,10 +54,9 @@ def mxa_branch(
     boxes: floating point, any values (degenerate boxes follow the ROI mode's rules).
     Non-finite values are not checked (that would cost a pass over the data and, on a GPU, a host
     synchronization): NaN and Inf in x, the boxes and the channel-attention weights propagate to the
-    output as in the eager reference. Two differences of the fused kernel: a non-finite 7x7 spatial
-    weight makes its output NaN wherever eager's is and possibly elsewhere (its conv is a matrix
-    product over the zero padding), and in crop mode a +Inf box coordinate counts as a huge one
-    (eager's float->int64 cast of it is platform-defined).
+    output as in the eager reference, and so does a non-finite 7x7 spatial weight. One difference of
+    the fused kernel: in crop mode a +Inf box coordinate counts as a huge one (eager's float->int64
+    cast of it is platform-defined).
     """
     check_mxa_branch_args(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
     args = (x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
