@@ -639,9 +639,23 @@ def test_mxa_branch_non_finite_inputs_propagate_as_in_eager(roi_mode, target, va
 
 
 @pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("roi_mode", mxa_kernels.ROI_MODES)
+@pytest.mark.parametrize("side", [4, 14])  # a flattened map and a padded one
+def test_mxa_branch_non_finite_features_in_whole_map_boxes_propagate_as_in_eager(side, roi_mode, value):
+    """Whole-map boxes take the kernels' identity path, which runs no product: a NaN or Inf pixel must
+    still spoil its channel as eager's products with the identity matrices do (Inf times 0)."""
+    args = _to_device(mxa_args(batch=2, channels=8, height=side, width=side))
+    args["boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2, device=args["x"].device)
+    args["x"] = plant(args["x"], 3 * side * side + side + 2, value)  # sample 0, channel 3
+    assert_same_non_finite(mxa_kernels.mxa_branch(**args, roi_mode=roi_mode, backend="triton"),
+                           mxa_kernels.mxa_branch(**args, roi_mode=roi_mode, backend="eager"))
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
 def test_mxa_branch_non_finite_spatial_weight_propagates_as_in_eager(value):
-    """The kernel's 7x7 conv adds each tap only where it lands on the map, as eager's does over the
-    zero padding: a NaN or Inf weight reaches exactly the output eager's reaches."""
+    """The kernel's 7x7 conv adds each tap only where it lands on the map, as the CPU's eager conv does
+    over the zero padding: a NaN or Inf weight reaches exactly the output eager's reaches (a GPU's
+    convolution may also multiply it with the padding: see docs/reliability.md)."""
     got, want = mxa_spoiled("align", "sa_weight", value)  # planted at entry 7: map 0, kernel row 1, column 0
     assert_same_non_finite(got, want)
     # Kernel column 0 reads the map 3 columns to the left: output columns 0-2 stay finite.

@@ -54,9 +54,10 @@ def mxa_branch(
     boxes: floating point, any values (degenerate boxes follow the ROI mode's rules).
     Non-finite values are not checked (that would cost a pass over the data and, on a GPU, a host
     synchronization): NaN and Inf in x, the boxes and the channel-attention weights propagate to the
-    output as in the eager reference, and so does a non-finite 7x7 spatial weight. One difference of
-    the fused kernel: in crop mode a +Inf box coordinate counts as a huge one (eager's float->int64
-    cast of it is platform-defined).
+    output as in the eager reference. A non-finite 7x7 spatial weight reaches the outputs whose taps
+    land on the map, as the eager convolution on the CPU; on a GPU, eager's convolution may also
+    multiply it with the zero padding and give NaN in more places. In crop mode a +Inf box
+    coordinate counts as a huge one (eager's float->int64 cast of it is platform-defined).
     """
     check_mxa_branch_args(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)
     args = (x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, roi_mode)

@@ -48,6 +48,9 @@ MAX_MAP_SIDE = 32
 # resampled as one product of the flattened map (16 to 64 pixels) with the Kronecker matrix of the row
 # and column interpolation, instead of two products on a map padded to 16x16.
 KRON_MAX_PIXELS = 64
+# The channel attention's hidden layer (C / 16 in MXA: 24 at M5's widest stage) is held in registers
+# whole, up to this width; wider ones fall back to eager.
+MAX_HIDDEN_CHANNELS = 64
 # Channels per tile (BC) and warps per program, by channels per tile (16 for maps padded to 16x16; 8
 # for 16x32 or 32x16; 4 for 32x32). Warps split the channel axis of the batched products, so a
 # 4-channel tile gets 4 warps; 8 warps keep the 16x16 bf16/fp16 kernels free of register spills
@@ -176,6 +179,13 @@ def _is_identity(i0, lam, out, valid):
 
 
 @triton.jit
+def _identity(t):
+    """The product of a (BC, NPIX) tile with an identity matrix: the tile, except that a channel holding
+    Inf or NaN is NaN everywhere, as in the products (Inf times the matrix's zeros)."""
+    return t + tl.sum(t * 0.0, axis=1)[:, None]
+
+
+@triton.jit
 def _pixels(H, W, KRON: tl.constexpr, WP: tl.constexpr, NPIX: tl.constexpr):
     """Row, column and validity of the NPIX pixel slots of a tile: the map flattened row-major
     (KRON), or an HP x WP grid flattened."""
@@ -186,17 +196,24 @@ def _pixels(H, W, KRON: tl.constexpr, WP: tl.constexpr, NPIX: tl.constexpr):
 
 
 @triton.jit
-def _pixel_weights(box_ptr, H, W, ALIGN: tl.constexpr, ph, pw, valid, HP: tl.constexpr, WP: tl.constexpr):
+def _pixel_weights(box_ptr, H, W, ALIGN: tl.constexpr, KRON: tl.constexpr, ph, pw, valid, HP: tl.constexpr,
+                   WP: tl.constexpr, NPIX: tl.constexpr):
     """How much each input pixel contributes to the resampled map's sum: colsum(rows)[h] colsum(cols)[w],
     so that mean(rows @ x @ cols^T) = sum(x * weights) / (H W) with no product."""
     r0, r1, rlam, c0, c1, clam = _box_taps(box_ptr, H, W, ALIGN, tl.arange(0, HP), tl.arange(0, WP))
-    rows_ok = (tl.arange(0, HP) < H)[:, None]
-    cols_ok = (tl.arange(0, WP) < W)[:, None]
-    row_w = tl.sum(tl.where(rows_ok & (ph[None, :] == r0[:, None]), 1.0 - rlam[:, None], 0.0)
-                   + tl.where(rows_ok & (ph[None, :] == r1[:, None]), rlam[:, None], 0.0), axis=0)
-    col_w = tl.sum(tl.where(cols_ok & (pw[None, :] == c0[:, None]), 1.0 - clam[:, None], 0.0)
-                   + tl.where(cols_ok & (pw[None, :] == c1[:, None]), clam[:, None], 0.0), axis=0)
-    return tl.where(valid, row_w * col_w, 0.0)
+    if KRON:  # each flattened pixel against the (at most 8) output rows and columns
+        rows_ok = (tl.arange(0, HP) < H)[:, None]
+        cols_ok = (tl.arange(0, WP) < W)[:, None]
+        row_w = tl.sum(tl.where(rows_ok & (ph[None, :] == r0[:, None]), 1.0 - rlam[:, None], 0.0)
+                       + tl.where(rows_ok & (ph[None, :] == r1[:, None]), rlam[:, None], 0.0), axis=0)
+        col_w = tl.sum(tl.where(cols_ok & (pw[None, :] == c0[:, None]), 1.0 - clam[:, None], 0.0)
+                       + tl.where(cols_ok & (pw[None, :] == c1[:, None]), clam[:, None], 0.0), axis=0)
+        weights = row_w * col_w
+    else:  # the HP x WP grid: the outer product of the two column sums
+        row_w = tl.sum(_interp_matrix(r0, r1, rlam, H, HP), axis=0)
+        col_w = tl.sum(_interp_matrix(c0, c1, clam, W, WP), axis=0)
+        weights = tl.reshape(row_w[:, None] * col_w[None, :], (NPIX,))
+    return tl.where(valid, weights, 0.0)
 
 
 @triton.jit
@@ -223,7 +240,7 @@ def _resampled_tile(x_ptr, box_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, ALIGN: t
         x = tl.load(x_ptr + b * sxb + cc[:, None] * sxc + ph[None, :] * sxh + pw[None, :] * sxw, mask=mask, other=0.0)
         r0, r1, rlam, k0, k1, klam = _box_taps(box_ptr, H, W, ALIGN, ph, pw)
         if _is_identity(r0, rlam, ph, valid) & _is_identity(k0, klam, pw, valid):
-            z = x.to(tl.float32)
+            z = _identity(x.to(tl.float32))
         else:
             kron = _kron_matrix(r0, r1, rlam, k0, k1, klam, ph, pw, valid)
             z = tl.dot(x, tl.trans(kron).to(x.dtype), input_precision=PREC)
@@ -234,7 +251,7 @@ def _resampled_tile(x_ptr, box_ptr, b, c0, C, H, W, sxb, sxc, sxh, sxw, ALIGN: t
         out_w = tl.arange(0, WP)
         r0, r1, rlam, k0, k1, klam = _box_taps(box_ptr, H, W, ALIGN, out_h, out_w)
         if _is_identity(r0, rlam, out_h, out_h < H) & _is_identity(k0, klam, out_w, out_w < W):
-            z3 = x.to(tl.float32)
+            z3 = tl.reshape(_identity(tl.reshape(x.to(tl.float32), (BC, NPIX))), (BC, HP, WP))
         else:
             z3, _ = _resample(x, _interp_matrix(r0, r1, rlam, H, HP), _interp_matrix(k0, k1, klam, W, WP),
                               BC, HP, WP, PREC)
@@ -283,7 +300,7 @@ def mxa_branch_fwd_pool_kernel(
     cc = c0 + tl.arange(0, BC)
     x = tl.load(x_ptr + b * sxb + cc[:, None] * sxc + ph[None, :] * sxh + pw[None, :] * sxw,
                 mask=(cc[:, None] < C) & valid[None, :], other=0.0).to(tl.float32)
-    weights = _pixel_weights(box_ptr + b * 4, H, W, ALIGN, ph, pw, valid, HP, WP)
+    weights = _pixel_weights(box_ptr + b * 4, H, W, ALIGN, KRON, ph, pw, valid, HP, WP, NPIX)
     pooled = tl.sum(x * weights[None, :], axis=1) / (H * W).to(tl.float32)
     tl.store(pooled_ptr + b * C + cc, pooled, mask=cc < C)
     j = tl.arange(0, BCH)
@@ -477,8 +494,8 @@ def mxa_branch_bwd_spatial_kernel(
             inside = valid & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             best = tl.load(stats + h * W + w, mask=inside, other=0.0)
             mean = tl.load(stats + H * W + h * W + w, mask=inside, other=0.0)
-            tl.store(g_sa_w_part_ptr + b * 2 * SA_TAPS + tap, tl.sum(g_pre * best))
-            tl.store(g_sa_w_part_ptr + b * 2 * SA_TAPS + SA_TAPS + tap, tl.sum(g_pre * mean))
+            tl.store(g_sa_w_part_ptr + b * 2 * SA_TAPS + tap, tl.sum(tl.where(inside, g_pre * best, 0.0)))
+            tl.store(g_sa_w_part_ptr + b * 2 * SA_TAPS + SA_TAPS + tap, tl.sum(tl.where(inside, g_pre * mean, 0.0)))
     tl.store(gstats_ptr + b * 2 * H * W + f, g_best, mask=valid)
     tl.store(gstats_ptr + b * 2 * H * W + H * W + f, g_mean, mask=valid)
 
@@ -562,7 +579,7 @@ def mxa_branch_bwd_input_kernel(
     if KRON:
         r0, r1, rlam, k0, k1, klam = _box_taps(box, H, W, ALIGN, ph, pw)
         if _is_identity(r0, rlam, ph, valid) & _is_identity(k0, klam, pw, valid):
-            g_x = g_z
+            g_x = _identity(g_z)
         else:
             kron = _kron_matrix(r0, r1, rlam, k0, k1, klam, ph, pw, valid)
             g_x = tl.dot(g_z.to(x_ptr.dtype.element_ty), kron.to(x_ptr.dtype.element_ty), input_precision=PREC)
@@ -571,7 +588,7 @@ def mxa_branch_bwd_input_kernel(
         out_w = tl.arange(0, WP)
         r0, r1, rlam, k0, k1, klam = _box_taps(box, H, W, ALIGN, out_h, out_w)
         if _is_identity(r0, rlam, out_h, out_h < H) & _is_identity(k0, klam, out_w, out_w < W):
-            g_x = g_z
+            g_x = _identity(g_z)
         else:
             dt = x_ptr.dtype.element_ty
             rows_t = tl.broadcast_to(tl.trans(_interp_matrix(r0, r1, rlam, H, HP)).to(dt)[None, :, :], (BC, HP, HP))
@@ -579,7 +596,7 @@ def mxa_branch_bwd_input_kernel(
             g_z3 = tl.reshape(g_z, (BC, HP, WP)).to(dt)
             g_x3 = tl.dot(rows_t, tl.dot(g_z3, cols_b, input_precision=PREC).to(dt), input_precision=PREC)
             g_x = tl.reshape(g_x3, (BC, NPIX))
-    weights = _pixel_weights(box, H, W, ALIGN, ph, pw, valid, HP, WP)
+    weights = _pixel_weights(box, H, W, ALIGN, KRON, ph, pw, valid, HP, WP, NPIX)
     g_x += g_pooled[:, None] * weights[None, :]
     tl.store(gx_ptr + b * sdb + cc[:, None] * sdc + ph[None, :] * sdh + pw[None, :] * sdw,
              g_x.to(gx_ptr.dtype.element_ty), mask=in_tile)
@@ -688,6 +705,9 @@ def unsupported_reason(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, 
     """Why the fused kernel cannot serve these arguments, or None."""
     if max(x.shape[2:]) > MAX_MAP_SIDE:
         return f"the fused MXA branch serves maps up to {MAX_MAP_SIDE}x{MAX_MAP_SIDE}, got {x.shape[2]}x{x.shape[3]}"
+    if ca_reduce_weight.shape[0] > MAX_HIDDEN_CHANNELS:
+        return (f"the fused MXA branch serves channel attention up to {MAX_HIDDEN_CHANNELS} hidden channels, got "
+                f"{ca_reduce_weight.shape[0]}")
     return kernel_dtype_reason(x, "the fused MXA branch")
 
 
@@ -800,10 +820,11 @@ def mxa_branch_backward(grad_out, x, boxes, ca_reduce_weight, ca_expand_weight, 
 
 def builds(all_configs: bool = False) -> list:
     """Every kernel x dtype x ROI mode, for GPU targets without a GPU: those over channel blocks on
-    flattened 7x7 maps and on 16x16 padded ones (every EfficientViT stage at 224 px), or
+    flattened 7x7 and 4x4 maps and on 16x16 padded ones (every EfficientViT stage at 224 px), or
     ``all_configs``: the larger maps' too; the per-sample ones on 14x14 maps; the batch sums."""
     padded_maps = {16: (16, 16), 8: (16, 32), 4: (32, 32)}
-    layouts = [(16, "map 7x7 flattened", dict(KRON=True, HP=8, WP=8, NPIX=64))]
+    layouts = [(16, "map 7x7 flattened", dict(KRON=True, HP=8, WP=8, NPIX=64)),
+               (16, "map 4x4 flattened", dict(KRON=True, HP=4, WP=4, NPIX=16))]
     layouts += [(block_c, f"BC {block_c} map {h}x{w}", dict(KRON=False, HP=h, WP=w, NPIX=h * w))
                 for block_c, (h, w) in padded_maps.items() if all_configs or block_c == 16]
     per_block = (mxa_branch_fwd_pool_kernel, mxa_branch_fwd_stats_kernel, mxa_branch_fwd_out_kernel,
