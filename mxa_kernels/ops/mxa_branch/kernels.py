@@ -579,7 +579,7 @@ def mxa_branch_bwd_input_kernel(
     if KRON:
         r0, r1, rlam, k0, k1, klam = _box_taps(box, H, W, ALIGN, ph, pw)
         if _is_identity(r0, rlam, ph, valid) & _is_identity(k0, klam, pw, valid):
-            g_x = _identity(g_z)
+            g_x = g_z
         else:
             kron = _kron_matrix(r0, r1, rlam, k0, k1, klam, ph, pw, valid)
             g_x = tl.dot(g_z.to(x_ptr.dtype.element_ty), kron.to(x_ptr.dtype.element_ty), input_precision=PREC)
@@ -588,7 +588,7 @@ def mxa_branch_bwd_input_kernel(
         out_w = tl.arange(0, WP)
         r0, r1, rlam, k0, k1, klam = _box_taps(box, H, W, ALIGN, out_h, out_w)
         if _is_identity(r0, rlam, out_h, out_h < H) & _is_identity(k0, klam, out_w, out_w < W):
-            g_x = _identity(g_z)
+            g_x = g_z
         else:
             dt = x_ptr.dtype.element_ty
             rows_t = tl.broadcast_to(tl.trans(_interp_matrix(r0, r1, rlam, H, HP)).to(dt)[None, :, :], (BC, HP, HP))
