@@ -298,8 +298,7 @@ def mxa_branch_fwd_pool_kernel(
     c0 = block * BC
     ph, pw, valid = _pixels(H, W, KRON, WP, NPIX)
     cc = c0 + tl.arange(0, BC)
-    x = tl.load(x_ptr + b * sxb + cc[:, None] * sxc + ph[None, :] * sxh + pw[None, :] * sxw,
-                mask=(cc[:, None] < C) & valid[None, :], other=0.0).to(tl.float32)
+    x = _tile(x_ptr, b, c0, C, sxb, sxc, sxh, sxw, ph, pw, valid, BC)
     weights = _pixel_weights(box_ptr + b * 4, H, W, ALIGN, KRON, ph, pw, valid, HP, WP, NPIX)
     pooled = tl.sum(x * weights[None, :], axis=1) / (H * W).to(tl.float32)
     tl.store(pooled_ptr + b * C + cc, pooled, mask=cc < C)
