@@ -12,8 +12,8 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SUITE_NAMES = ("smoke", "full", "cost")
-PROVIDER_NAMES = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
-                  "timm plain")
+PROVIDER_NAMES = ("eager", "triton", "triton+compile", "torch.compile", "torch.compile max-autotune",
+                  "per-sample loop", "sdpa", "timm plain")
 
 
 def stage(text: str) -> tuple[int, int, int, int]:

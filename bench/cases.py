@@ -6,6 +6,8 @@ arguments. Providers:
 - ``eager``: the eager PyTorch reference (kernel level), timm's module (windowed-attention block), the
   MXA block or model on the eager backend;
 - ``triton``: the fused Triton kernels (the op, or the module / model on the triton backend);
+- ``triton+compile``: ``torch.compile`` (full graph) of the triton provider: the fused ops inside a
+  compiled graph (they are ``torch.library`` ops, so Inductor compiles the PyTorch code around them);
 - ``torch.compile`` and ``torch.compile max-autotune``: ``torch.compile`` of the eager provider;
 - ``per-sample loop``: the authors' MXA branch, one crop and resize per sample (crop mode only);
 - ``sdpa``: ``F.scaled_dot_product_attention`` on window copies with the bias as its mask;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -37,9 +40,13 @@ from mxa_model.mxa import MedicalXRayAttention
 
 # providers whose outputs are not the reference's computation (another model), so not compared with it
 OTHER_MODELS = ("timm plain",)
-PROVIDERS = ("eager", "triton", "torch.compile", "torch.compile max-autotune", "per-sample loop", "sdpa",
-             "timm plain")
+PROVIDERS = ("eager", "triton", "triton+compile", "torch.compile", "torch.compile max-autotune", "per-sample loop",
+             "sdpa", "timm plain")
+# torch.compile of the eager provider, by mode
 COMPILE_MODES = {"torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
+TRITON_COMPILE = "triton+compile"
+TRITON_PROVIDERS = ("triton", TRITON_COMPILE)  # the providers that run the fused kernels
+COMPILED = (*COMPILE_MODES, TRITON_COMPILE)  # the providers whose calls run compiled code
 
 
 class Stage(NamedTuple):
@@ -52,6 +59,7 @@ class Stage(NamedTuple):
 # MXA-EfficientViT-M5's attention stages (timm's efficientvit_m5: embed_dim, num_heads; 16-wide keys)
 M5_STAGES = (Stage(192, 14, 3, 64), Stage(288, 7, 3, 96), Stage(384, 4, 4, 96))
 KEY_DIM = 16
+M5_KERNELS = (7, 5, 3, 3)  # each head's query depthwise kernel (timm's efficientvit_m5: kernels)
 
 
 def window_side(side: int) -> int:
@@ -95,9 +103,13 @@ def _tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 def _compiled(fn, provider: str) -> Callable:
-    """``torch.compile`` of ``fn`` (a function or module). max-autotune also captures CUDA graphs, whose
+    """``torch.compile`` of ``fn`` (a function or module) for ``provider`` (one of COMPILED; the fused
+    ops' graph must be whole: a graph break is an error). max-autotune also captures CUDA graphs, whose
     runs must be marked so that one step's outputs are not taken for the previous step's."""
-    compiled = torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
+    if provider == TRITON_COMPILE:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    else:
+        compiled = torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
 
     def call(*args):
         torch.compiler.cudagraph_mark_step_begin()
@@ -157,11 +169,11 @@ def build_mxa_branch(case: Case, device: torch.device, providers: tuple[str, ...
     for provider in providers:
         if provider == "eager":
             fn = eager
-        elif provider == "triton":
+        elif provider in TRITON_PROVIDERS:
             if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
-            fn = fused
+            fn = fused if provider == "triton" else _compiled(fused, provider)
         elif provider in COMPILE_MODES:
             fn = _compiled(eager, provider)
         elif provider == "per-sample loop":
@@ -202,11 +214,12 @@ def build_window_attention(case: Case, device: torch.device, providers: tuple[st
     for provider in providers:
         if provider == "eager":
             fn = mxa_kernels.window_attention_ref
-        elif provider == "triton":
+        elif provider in TRITON_PROVIDERS:
             if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
-            fn = lambda *a: mxa_kernels.window_attention(*a, backend="triton")  # noqa: E731
+            fn = functools.partial(mxa_kernels.window_attention, backend="triton")
+            fn = fn if provider == "triton" else _compiled(fn, provider)
         elif provider in COMPILE_MODES:
             fn = _compiled(mxa_kernels.window_attention_ref, provider)
         elif provider == "sdpa":
@@ -253,7 +266,7 @@ def _block_providers(case: Case, device, providers, make_module) -> Workload:
         module = copy.deepcopy(reference)
         if provider == "eager":
             module.backend = "eager"
-        elif provider == "triton":
+        elif provider in TRITON_PROVIDERS:
             if (reason := mxa_kernels.triton_unavailable_reason(case.op, device)) is not None:
                 work.skipped[provider] = reason
                 continue
@@ -262,7 +275,7 @@ def _block_providers(case: Case, device, providers, make_module) -> Workload:
             module.backend = "eager"
         else:
             raise ValueError(f"case {case.name} has no provider {provider!r}")
-        runner = _compiled(module, provider) if provider in COMPILE_MODES else module
+        runner = _compiled(module, provider) if provider in COMPILED else module
         work.calls[provider] = _module_calls(module, runner, x)
     return work
 
@@ -289,14 +302,15 @@ def randomized(module: LocalWindowAttention) -> LocalWindowAttention:
 
 
 def build_cascaded_attention_block(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
-    """EfficientViT's ``LocalWindowAttention`` (16-wide keys, M5's heads per stage); eager is timm's
-    module, triton ``FusedLocalWindowAttention`` (its inference is the one-launch cascade). BatchNorms and
+    """EfficientViT's ``LocalWindowAttention`` (16-wide keys, M5's heads and query kernels per stage); eager is
+    timm's module, triton ``FusedLocalWindowAttention`` (its inference is the fused cascade). BatchNorms and
     bias table are randomized: timm's zero initialization would make the output all zeros."""
     dim, side = case.shape[1], case.shape[2]
     heads = next((stage.heads for stage in M5_STAGES if stage.channels == dim), 2)
     window = window_side(side)
     return _block_providers(case, device, providers, lambda: randomized(
-        FusedLocalWindowAttention(dim, KEY_DIM, heads, dim / (KEY_DIM * heads), side, window)))
+        FusedLocalWindowAttention(dim, KEY_DIM, heads, dim / (KEY_DIM * heads), side, window,
+                                  kernels=list(M5_KERNELS))))
 
 
 # --- model level --------------------------------------------------------------------------------
@@ -323,18 +337,18 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
         if provider == "timm plain":
             torch.manual_seed(0)
             model = timm.create_model(variant, **common).to(device)
-        elif provider in ("eager", "triton", *COMPILE_MODES):
+        elif provider in ("eager", *TRITON_PROVIDERS, *COMPILE_MODES):
             reasons = (mxa_kernels.triton_unavailable_reason(op, device) for op in mxa_kernels.OPS)
-            reason = next((r for r in reasons if r is not None), None) if provider == "triton" else None
+            reason = next((r for r in reasons if r is not None), None) if provider in TRITON_PROVIDERS else None
             if reason is not None:
                 work.skipped[provider] = reason
                 continue
             model = copy.deepcopy(mxa)
-            model.set_backend("triton" if provider == "triton" else "eager")
+            model.set_backend("triton" if provider in TRITON_PROVIDERS else "eager")
         else:
             raise ValueError(f"case {case.name} has no provider {provider!r}")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        runner = _compiled(model, provider) if provider in COMPILE_MODES else model
+        runner = _compiled(model, provider) if provider in COMPILED else model
 
         def train(model=model, runner=runner, optimizer=optimizer):
             model.train()

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mxa_kernels
 
-from .cases import KEY_DIM, M5_STAGES, Stage, window_side
+from .cases import KEY_DIM, M5_KERNELS, M5_STAGES, Stage, window_side
 
 BATCH = 256
 DTYPE = torch.bfloat16
@@ -82,7 +82,8 @@ def roofline_us(bytes_moved: int, flops: int, launches: int, target: Target) -> 
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """The bytes of the distinct elements of ``t``: an expanded (stride 0) dimension is read once."""
+    return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size() if t.numel() else 0
 
 
 def _is_view(func) -> bool:
@@ -212,13 +213,13 @@ def window_attention_cases(batch: int, stages, device: str = "meta", dtype=DTYPE
 def cascaded_attention_cases(batch: int, stages, device: str = "meta", dtype=DTYPE):
     for channels, side, heads, value_dim in stages:
         window = window_side(side)
-        tokens, kernel, qkv_out = window * window, 5, 2 * KEY_DIM + value_dim
+        tokens, kernel, qkv_out = window * window, 7, 2 * KEY_DIM + value_dim
         args = (_tensor(device, batch, channels, side, side, dtype=dtype),
                 _tensor(device, heads, qkv_out, channels // heads, dtype=dtype), _tensor(device, heads, qkv_out),
                 _tensor(device, heads, KEY_DIM, kernel, kernel), _tensor(device, heads, KEY_DIM),
                 _tensor(device, heads, tokens), _tensor(device, tokens, tokens, dtype=torch.int32, below=tokens),
-                _tensor(device, channels, heads * value_dim, dtype=dtype), _tensor(device, channels), window,
-                KEY_DIM ** -0.5)
+                _tensor(device, channels, heads * value_dim, dtype=dtype), _tensor(device, channels, dtype=dtype),
+                window, KEY_DIM ** -0.5, list(M5_KERNELS[:heads]))
         yield f"{batch}x{channels}x{side}x{side} heads {heads}", args
 
 

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import timing
-from .cases import COMPILE_MODES, OTHER_MODELS, PROVIDERS, Case
+from .cases import COMPILED, OTHER_MODELS, PROVIDERS, TRITON_PROVIDERS, Case
 from .suites import KEY_RATIOS, SUITES, KeyRatio
 
 # largest relative error against the reference provider's result before a record is a mismatch: a
@@ -170,13 +170,13 @@ def run_case(case: Case, device: torch.device, common: dict, ceilings: dict,
         del reference_result
     for mode in case.modes:
         calls = {p: modes[mode] for p, modes in work.calls.items() if mode in modes and (p, mode) not in errors}
-        interpreted = {p for p in calls if p == "triton" and device.type != "cuda"}
+        interpreted = {p for p in calls if p in TRITON_PROVIDERS and device.type != "cuda"}
         seconds = _seconds(calls, interpreted, repeats or case.repeats, device, errors, mode)
         reference = next((p for p in case.providers if p in seconds), None)
         # counted in one more call, outside the timing (a failure there loses the counts, not the time);
         # compiled code is not dispatched op by op
         work_done = {p: _guarded({}, None, device, lambda fn=fn: _count_work(fn)) for p, fn in calls.items()
-                     if p in seconds and p not in interpreted and p not in COMPILE_MODES}
+                     if p in seconds and p not in interpreted and p not in COMPILED}
         kind = "gradients" if mode in GRADIENT_MODES else "outputs"
         for provider in work.calls:
             if mode not in work.calls[provider]:
@@ -242,16 +242,17 @@ def key_ratios(records: list[dict], suite: str) -> dict[str, float]:
     when records of several runs or shapes are given, from the last such group holding both providers."""
     found = {}
     for ratio in KEY_RATIOS.get(suite, ()):
-        groups: dict[tuple, dict[str, float]] = {}
+        groups: list[tuple[tuple, dict[str, float]]] = []  # in the records' order
         for r in records:
-            if r["case"] == ratio.case and r["mode"] == ratio.mode and r.get(ratio.quantity):
+            if (r["case"] == ratio.case and r["mode"] == ratio.mode and r.get(ratio.quantity)
+                    and (ratio.shape is None or tuple(r["shape"]) == ratio.shape)):
                 key = (tuple(r["shape"]), r["dtype"])
-                group = groups.get(key)
-                if group is None or r["provider"] in group:  # a later run of this group starts anew, last
-                    groups.pop(key, None)
-                    group = groups[key] = {}
-                group[r["provider"]] = r[ratio.quantity]
-        complete = [g for g in groups.values() if ratio.numerator in g and ratio.denominator in g]
+                current = next((g for k, g in reversed(groups) if k == key), None)
+                if current is None or r["provider"] in current:  # another run (or suite case) of this group
+                    current = {}
+                    groups.append((key, current))
+                current[r["provider"]] = r[ratio.quantity]
+        complete = [g for _, g in groups if ratio.numerator in g and ratio.denominator in g]
         if complete:
             found[ratio.name] = complete[-1][ratio.numerator] / complete[-1][ratio.denominator]
     return found

@@ -41,6 +41,8 @@ SMOKE = (
 )
 
 _STAGE1, _LATER = M5_STAGES[0][:2], [stage[:2] for stage in M5_STAGES[1:]]  # (channels, map side)
+_WINDOW1 = (256, M5_STAGES[0].value_dim, _STAGE1[1], _STAGE1[1])  # stage 1's window-attention and block shapes
+_BLOCK1 = (256, *_STAGE1, _STAGE1[1])
 
 
 def _branch(mode: str, channels: int, side: int, providers: tuple[str, ...], dtype: str = "bfloat16") -> Case:
@@ -59,13 +61,14 @@ def _window(value_dim: int, side: int, providers: tuple[str, ...]) -> Case:
 # (each compilation costs tens of seconds), then float32, then max-autotune (minutes of tuning).
 FULL = (
     Case("efficientvit_m5", "model", (256, 1, 224, 224), "bfloat16", MODEL_MODES,
-         ("eager", "triton", "torch.compile", "timm plain"), build_model),
+         ("eager", "triton", "triton+compile", "torch.compile", "timm plain"), build_model),
     *(_branch(mode, *_STAGE1, ("eager", "triton", "torch.compile")) for mode in ("crop", "align")),
-    _window(M5_STAGES[0].value_dim, _STAGE1[1], ("eager", "triton", "torch.compile", "sdpa")),
+    _window(M5_STAGES[0].value_dim, _STAGE1[1], ("eager", "triton", "triton+compile", "torch.compile", "sdpa")),
     *(Case(f"mxa_block_{mode}", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
            ("eager", "triton", "torch.compile"), build_mxa_block, op="mxa_branch") for mode in ("crop", "align")),
-    Case("cascaded_attention_block", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,
-         ("eager", "triton", "torch.compile"), build_cascaded_attention_block, op="cascaded_attention_infer"),
+    Case("cascaded_attention_block", "block", _BLOCK1, "bfloat16", BLOCK_MODES,
+         ("eager", "triton", "triton+compile", "torch.compile"), build_cascaded_attention_block,
+         op="cascaded_attention_infer"),
     *(_branch(mode, c, s, ("eager", "triton")) for mode in ("crop", "align") for c, s in _LATER),
     *(_window(stage.value_dim, stage.side, ("eager", "triton", "sdpa")) for stage in M5_STAGES[1:]),
     *(Case("cascaded_attention_block", "block", (256, c, s, s), "bfloat16", BLOCK_MODES, ("eager", "triton"),
@@ -97,6 +100,7 @@ class KeyRatio:
     quantity: str = "median_ms"
     limit: float | None = None
     target: float | None = None
+    shape: tuple[int, ...] | None = None  # the case's shape, where a suite has the case at several
 
 
 # The smoke suite's limits and what they were checked against (bench/README.md has the table): on two
@@ -127,5 +131,21 @@ KEY_RATIOS = {
                  "training speed of MXA-M5 on triton relative to timm's plain M5", target=0.85),
         KeyRatio("m5_inference_compile_over_triton", "efficientvit_m5", "inference", "torch.compile", "triton", True,
                  "inference speed-up of the triton backend over torch.compile of eager", target=1.3),
+        KeyRatio("m5_train_compile_over_triton_compile", "efficientvit_m5", "train", "torch.compile", "triton+compile",
+                 True, "training speed-up of the compiled model with the fused ops over torch.compile of eager",
+                 target=1.2),
+        KeyRatio("m5_train_plain_over_triton_compile", "efficientvit_m5", "train", "timm plain", "triton+compile",
+                 True, "training speed of MXA-M5 compiled with the fused ops relative to timm's plain M5",
+                 target=0.85),
+        KeyRatio("window_attention_eager_over_triton", "window_attention", "forward+backward", "eager", "triton", True,
+                 "stage 1's windowed attention, forward+backward: fused kernels over eager", target=2.0,
+                 shape=_WINDOW1),
+        KeyRatio("window_attention_compile_over_triton", "window_attention", "forward+backward", "torch.compile",
+                 "triton", True, "the same, fused kernels over torch.compile of eager", target=1.3, shape=_WINDOW1),
+        KeyRatio("cascade_eager_over_triton", "cascaded_attention_block", "inference", "eager", "triton", True,
+                 "stage 1's attention block at inference: the fused cascade over timm's eager module", target=2.0,
+                 shape=_BLOCK1),
+        KeyRatio("cascade_compile_over_triton", "cascaded_attention_block", "inference", "torch.compile", "triton",
+                 True, "the same, over torch.compile of timm's module", target=1.3, shape=_BLOCK1),
     ),
 }

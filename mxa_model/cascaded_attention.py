@@ -10,17 +10,24 @@ from timm.models.efficientvit_msra import LocalWindowAttention
 import mxa_kernels
 
 
-def _per_window(conv: torch.nn.Module, t: torch.Tensor, window: int) -> torch.Tensor:
-    """Apply ``conv`` to each window of ``t`` on its own (zero padding at window borders), as timm's
-    windowed attention applies its query convolution."""
+def _per_window(conv_norm: torch.nn.Module, t: torch.Tensor, window: int) -> torch.Tensor:
+    """timm's query ``ConvNorm`` (a depthwise convolution, then BatchNorm) with the convolution applied to
+    each window of ``t`` on its own (zero padding at window borders), as timm's windowed attention
+    applies it, without copying windows out and back: the map seen as (B, C * rows of windows, window,
+    columns of windows, window) is a view (of an NCHW map), and a depthwise 3-D convolution with a
+    (k, 1, k) kernel keeps the windows of a row apart (its middle axis) and those of a column too
+    (their channels)."""
     batch, depth, height, width = t.shape
     if height == window and width == window:
-        return conv(t)
+        return conv_norm(t)
     n_h, n_w = height // window, width // window
-    tiles = t.reshape(batch, depth, n_h, window, n_w, window).permute(0, 2, 4, 1, 3, 5)
-    out = conv(tiles.reshape(batch * n_h * n_w, depth, window, window))
-    out = out.reshape(batch, n_h, n_w, -1, window, window).permute(0, 3, 1, 4, 2, 5)
-    return out.reshape(batch, -1, height, width)
+    conv = conv_norm.conv
+    pad = conv.padding[0]
+    weight = conv.weight.repeat_interleave(n_h, dim=0).unsqueeze(3)  # (C * n_h, 1, k, 1, k)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(n_h)
+    out = F.conv3d(t.reshape(batch, depth * n_h, window, n_w, window), weight, bias, padding=(pad, 0, pad),
+                   groups=depth * n_h)
+    return conv_norm.bn(out.view(batch, depth, height, width))
 
 
 def _fold(conv_norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,12 +43,13 @@ class FusedLocalWindowAttention(LocalWindowAttention):
     kernels when the kernel backend resolves to Triton.
 
     - Inference (eval mode, gradients off: ``torch.no_grad()`` or ``torch.inference_mode()``): the
-      whole block is :func:`mxa_kernels.cascaded_attention_infer`, one launch, with the BatchNorms
+      whole block is :func:`mxa_kernels.cascaded_attention_infer` (two launches and a GEMM), with the BatchNorms
       folded into the convolutions (see :meth:`folded_parameters`).
     - Otherwise (training, or gradients wanted in eval mode): the cascade works on the whole (padded)
       map instead of on window copies: the 1x1 projections and their BatchNorms are pointwise, so they
-      see the same values; the query's depthwise convolution still runs per window; each head's
-      attention is :func:`mxa_kernels.window_attention`, which reads q, k and v in place.
+      see the same values; the query's depthwise convolution runs per window through a view of the
+      map (no copy); each head's attention is :func:`mxa_kernels.window_attention`, which reads q, k
+      and v in place.
 
     With the eager backend the forward is timm's own.
     """
@@ -52,10 +60,11 @@ class FusedLocalWindowAttention(LocalWindowAttention):
 
     def folded_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The block in eval mode as the arguments of :func:`mxa_kernels.cascaded_attention_infer` after
-        ``x``: q/k/v projections, query depthwise convolutions (zero-padded to the largest kernel),
-        bias table and index, output projection, with the BatchNorms folded in; the two projection
-        weights in ``dtype``. Cached until a parameter or BatchNorm statistic changes (PyTorch's version
-        counters track in-place updates, but not writes through ``.data``)."""
+        ``x``: q/k/v projections, query depthwise convolutions (zero-padded to the largest kernel:
+        :attr:`query_kernel_sizes` gives each head's), bias table and index, output projection, with
+        the BatchNorms folded in; the two projection weights and the output projection's bias in
+        ``dtype``. Cached until a parameter or BatchNorm statistic changes (PyTorch's version counters
+        track in-place updates, but not writes through ``.data``)."""
         tensors = (*self.parameters(), *self.buffers())
         compiling = torch.compiler.is_compiling()
         key = None if compiling else (dtype, *((t.data_ptr(), t._version) for t in tensors))
@@ -71,10 +80,16 @@ class FusedLocalWindowAttention(LocalWindowAttention):
             folded = (torch.stack(qkv_weight)[..., 0, 0].to(dtype), torch.stack(qkv_bias), dw_weight,
                       torch.stack([b for _, b in dws]), attn.attention_biases.detach(),
                       attn.attention_bias_idxs.to(torch.int32),  # the kernel's index type: no copy per call
-                      proj_weight[..., 0, 0].to(dtype), proj_bias)
+                      proj_weight[..., 0, 0].to(dtype), proj_bias.to(dtype))
         if key is not None:
             self._folded, self._folded_key = folded, key
         return folded
+
+    @property
+    def query_kernel_sizes(self) -> list[int]:
+        """Each head's depthwise kernel size on its query (``kernel_sizes`` of
+        :func:`mxa_kernels.cascaded_attention_infer`; :meth:`folded_parameters` pads them to the largest)."""
+        return [dw.conv.kernel_size[0] for dw in self.attn.dws]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
@@ -82,7 +97,7 @@ class FusedLocalWindowAttention(LocalWindowAttention):
         if mxa_kernels.resolve_backend("window_attention", self.backend, x.device) == "eager":
             return super().forward(x)
         if not self.training and not torch.is_grad_enabled():
-            args = (x, *self.folded_parameters(x.dtype), window, attn.scale)
+            args = (x, *self.folded_parameters(x.dtype), window, attn.scale, self.query_kernel_sizes)
             if mxa_kernels.triton_unavailable_reason("cascaded_attention_infer", x.device, args) is None:
                 return mxa_kernels.cascaded_attention_infer(*args, backend="triton")
         # what the op will be asked (dtype, device, head sizes, window), to pick the path up front

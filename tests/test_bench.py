@@ -15,8 +15,9 @@ import torch
 
 import mxa_kernels
 from mxa_bench import arguments, preflight, runner
-from mxa_bench.cases import Case, Workload, authors_mxa_branch, sdpa_window_attention
-from mxa_bench.suites import FULL, KEY_RATIOS, SMOKE
+from mxa_bench.cases import (Case, Workload, authors_mxa_branch, build_cascaded_attention_block, build_window_attention,
+                              sdpa_window_attention)
+from mxa_bench.suites import BLOCK_MODES, FULL, KERNEL_MODES, KEY_RATIOS, SMOKE
 from mxa_model import cli
 from mxa_model.cascaded_attention import FusedLocalWindowAttention
 from mxa_model.efficientvit import MXAEfficientVit
@@ -173,6 +174,20 @@ def test_key_ratios_take_the_last_complete_run(tmp_path):
     assert set(runner.key_ratios(second + first, "smoke").values()) == {1.0}
 
 
+def test_a_later_case_of_the_same_shape_keeps_the_earlier_ratios():
+    """The full suite times stage 1's windowed attention twice (the second time eager and max-autotune
+    only): the ratios over the triton provider come from the first."""
+    def record(provider, ms):
+        return dict(case="window_attention", mode="forward+backward", provider=provider, median_ms=ms,
+                    shape=[256, 64, 14, 14], dtype="bfloat16")
+
+    records = [record("eager", 4.0), record("triton", 1.0), record("torch.compile", 2.0), record("eager", 4.2),
+               record("torch.compile max-autotune", 1.5)]
+    ratios = runner.key_ratios(records, "full")
+    assert ratios["window_attention_eager_over_triton"] == 4.0
+    assert ratios["window_attention_compile_over_triton"] == 2.0
+
+
 def test_time_budget_stops_starting_cases(tmp_path, capsys):
     out = tmp_path / "budget.json"
     assert cli.main(["bench", "--cases", "window_attention,mxa_branch_align", "--providers", "eager", "--no-save",
@@ -214,6 +229,26 @@ def test_full_suite_builds_and_runs_at_batch_2(tmp_path):
     assert {r["mode"] for r in model} == {"train", "inference"} and all(r["images_per_s"] > 0 for r in model)
     assert all(r["tflops"] > 0 for r in records if r["level"] != "kernel")
     assert all(r["gbs"] > 0 for r in records if r["level"] == "kernel")
+
+
+@pytest.mark.slow
+def test_triton_compile_runs_the_fused_ops_inside_one_compiled_graph():
+    """The `triton+compile` provider: the fused op, and the attention block on the triton backend (training
+    and inference), under torch.compile with fullgraph=True (a graph break is an error), here with the
+    kernels in Triton's interpreter: every call agrees with eager."""
+    cases = [Case("window_attention", "kernel", (2, 20, 14, 14), "float32", KERNEL_MODES, ("eager", "triton+compile"),
+                  build_window_attention, op="window_attention", repeats=1),
+             Case("cascaded_attention_block", "block", (2, 40, 10, 10), "float32", BLOCK_MODES,
+                  ("eager", "triton+compile"), build_cascaded_attention_block, op="cascaded_attention_infer",
+                  repeats=1)]
+    records = []
+    for case in cases:
+        runner.run_case(case, torch.device("cpu"), {}, {"copy_gbs": 1.0, "matmul_tflops": {"float32": 1.0}},
+                        records.append)
+    compiled = [r for r in records if r["provider"] == "triton+compile"]
+    assert [(r["case"], r["mode"]) for r in compiled] == [(c.name, m) for c in cases for m in c.modes]
+    for r in compiled:
+        assert r.get("error") is None and r["rel_err"] is not None and not r["mismatch"], r
 
 
 def test_a_failing_provider_is_reported_and_the_others_still_timed():

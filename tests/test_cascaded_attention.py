@@ -1,4 +1,4 @@
-"""The whole windowed cascaded group attention at inference (BatchNorms folded, one launch per block):
+"""The whole windowed cascaded group attention at inference (BatchNorms folded, two launches and a GEMM):
 the eager reference and the fused Triton op (interpreter on CPU, a GPU when present) against timm's
 own LocalWindowAttention in eval mode."""
 
@@ -36,7 +36,8 @@ def timm_forward(module, x):
 
 
 def folded_args(module, x):
-    return (x, *module.folded_parameters(x.dtype), module.attn.resolution, module.attn.scale)
+    return (x, *module.folded_parameters(x.dtype), module.attn.resolution, module.attn.scale,
+            module.query_kernel_sizes)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -79,7 +80,7 @@ def test_launch_configuration_follows_the_head_width():
     for spills (tests/test_kernels_sm90.py builds each with heads as wide as it serves)."""
     chosen = {width: cascaded_kernels.launch_config(width).name for width in (16, 32, 64, 128)}
     assert chosen == {16: "narrow", 32: "narrow", 64: "narrow", 128: "wide"}
-    served = {build.launch.name: build.constexprs["DVP"] for build in cascaded_kernels.builds()}
+    served = {build.launch.name: 2 * build.constexprs["DVH"] for build in cascaded_kernels.builds()}
     assert all(cascaded_kernels.launch_config(width).name == name for name, width in served.items())
 
 
@@ -90,7 +91,7 @@ def test_low_precision(dtype):
     with torch.no_grad():
         exact = timm_forward(module, x)
         args = folded_args(module, x)
-        low = (x.to(dtype), *(t.to(dtype) if t.is_floating_point() else t for t in args[1:-2]), *args[-2:])
+        low = (x.to(dtype), *(t.to(dtype) if t.is_floating_point() else t for t in args[1:-3]), *args[-3:])
         eager = cascaded_attention_infer_ref(*low)
         got = mxa_kernels.cascaded_attention_infer(*low, backend="triton")
     assert got.dtype == dtype
@@ -155,7 +156,10 @@ def test_bad_arguments_and_unsupported_blocks():
         with pytest.raises(ValueError, match=r"qkv_weight must have shape \(2, 48, 24\)"):
             mxa_kernels.cascaded_attention_infer(torch.randn(1, 48, 5, 6, device=DEVICE), *args[1:])
         with pytest.raises(ValueError, match="bias_idx must have shape"):
-            mxa_kernels.cascaded_attention_infer(*args[:-2], 5, args[-1])
+            mxa_kernels.cascaded_attention_infer(*args[:-3], 5, *args[-2:])
+        with pytest.raises(ValueError, match=r"kernel_sizes must give each of the 2 heads an odd depthwise kernel "
+                                             r"size of at most 3 \(dw_weight's\), got \[3, 5\]"):
+            mxa_kernels.cascaded_attention_infer(*args[:-1], [3, 5])
         with pytest.raises(mxa_kernels.BackendUnavailableError, match="float32, float16 and bfloat16"):
             mxa_kernels.cascaded_attention_infer(x.double(), *args[1:], backend="triton")
     with pytest.raises(RuntimeError, match="inference only"):

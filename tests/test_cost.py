@@ -43,19 +43,23 @@ def test_window_attention_counts_by_hand():
     assert eager.ops[0][1] == 2 * maps and eager.ops[3][1] == 2 * maps + 8 * 49 * 49 * FP32
     passes = mxa_kernels.OPS["window_attention"].kernels_module().launch_passes(*args)
     forward, launches = cost.count_pass(passes["forward"])
-    assert [n for n, _ in forward.ops] == ["_to_copy"]  # the int64 index to the kernel's int32
-    assert forward.bytes == 49 * 49 * (8 + 4)
-    (launch,) = launches
-    rows = 8 * 2 * 64 * FP32  # per window: each score row's maximum and sum, 64 padded tokens
-    assert launch.name == "window_attention_fwd_kernel" and launch.grid == (8,)
-    assert launch.bytes == 4 * maps + 49 * FP32 + 49 * 49 * 4 + rows  # q, k, v, out, bias, index, rows
+    assert forward.ops == []  # the int64 index is read as it is: no conversion
+    bias, attention = launches
+    # the dense bias of 64 padded tokens; the backward's plan: the pairs in offset order, each of 64 offsets'
+    # first and last pair
+    tile, plan = 64 * 64 * FP32, (64 * 64 + 2 * 64) * 4
+    assert bias.name == "window_bias_kernel" and bias.grid == (1,)
+    assert bias.bytes == 49 * FP32 + 49 * 49 * 8 + tile  # the table and the int64 index in, the tile out
+    rows = 8 * 2 * 64 * FP32  # per window: each score row's maximum and reciprocal sum, 64 padded tokens
+    assert attention.name == "window_attention_fwd_kernel" and attention.grid == (8,)
+    assert attention.bytes == 4 * maps + tile + rows  # q, k, v, out, the bias tile, rows
     backward, launches = cost.count_pass(passes["backward"])
-    assert [n for n, _ in backward.ops] == ["_to_copy", "sum"]  # the index again; the bias gradient's window sum
+    assert [n for n, _ in backward.ops] == ["sum"]  # the bias gradient's window sum
     (launch,) = launches
-    # q, k, v, grad out, bias, index, rows in; grad q, k, v and per-window bias gradients out
-    assert launch.bytes == 7 * maps + 49 * FP32 + 49 * 49 * 4 + rows + 8 * 49 * FP32
-    # the bias gradient's walk over the table's 49 offsets, the kernel's only loop
-    assert [(loop["loop"], loop["per_program"]) for loop in cost.loop_trips(launch)] == [("range(0, OFFSETS)", 49)]
+    # q, k, v, grad out, tile, plan, rows in; grad q, k, v and per-window gradients of 64 offsets out
+    assert launch.bytes == 7 * maps + tile + plan + rows + 8 * 64 * FP32
+    # no loop: the bias gradient is a sort-ordered prefix sum, not a walk over the table's offsets
+    assert cost.loop_trips(launch) == []
 
 
 # the align mode's interpolation matrix of one axis (align_resize_matrix, then _two_tap_matrix)
@@ -215,17 +219,23 @@ def test_mxa_branch_fused_counts_by_hand():
 
 
 def test_cascaded_attention_fused_counts_by_hand():
-    """One launch, one program per (padded) window; the scratch buffers count as traffic."""
+    """The heads' bias tiles (a program per head), the cascade (a program per padded window) and the
+    output projection, one batched GEMM."""
     x = meta(2, 8, 5, 3)
     args = (x, meta(2, 10, 4), meta(2, 10), meta(2, 3, 3, 3), meta(2, 3), meta(2, 4), meta(4, 4, dtype=torch.int32),
-            meta(8, 8), meta(8), 2, 0.5)
+            meta(8, 8), meta(8), 2, 0.5, [3, 1])
     passes = mxa_kernels.OPS["cascaded_attention_infer"].kernels_module().launch_passes(*args)
     assert list(passes) == ["forward"]
-    count, (launch,) = cost.count_pass(passes["forward"])
-    assert not count.ops and launch.grid == (2 * 3 * 2,)  # 5x3 padded to 6x4: 3x2 windows of 2x2
-    params = (2 * 10 * 4 + 2 * 10 + 2 * 27 + 2 * 3 + 2 * 4 + 64 + 8) * FP32 + 16 * 4
-    scratch = 12 * 16 * 16 * FP32 + 12 * 2 * 16 * 16 * FP32  # q per window (16 x 16), each head's output
-    assert launch.bytes == 2 * x.numel() * FP32 + params + scratch
+    count, (bias, launch) = cost.count_pass(passes["forward"])
+    tiles = 2 * 16 * 16 * FP32  # each head's dense bias: windows of 2x2 tokens padded to 16
+    assert bias.name == "window_bias_kernel" and bias.grid == (2,)
+    assert bias.bytes == 2 * 4 * FP32 + 16 * 4 + tiles  # the table and the int32 index in
+    assert launch.grid == (2 * 3 * 2,)  # 5x3 padded to 6x4: 3x2 windows of 2x2
+    params = (2 * 10 * 4 + 2 * 10 + 2 * 27 + 2 * 3) * FP32 + (2 * 4 + 9) * 4  # q/k/v, depthwise; head sizes, taps
+    heads_out = 2 * 8 * 5 * 3 * FP32  # the heads' ReLU'd outputs at the map's tokens
+    assert launch.bytes == x.numel() * FP32 + params + tiles + heads_out
+    # the projection: its input, weight and bias (expanded over the batch: read once), the output
+    assert count.ops == [("baddbmm", heads_out + (64 + 8) * FP32 + x.numel() * FP32)]
 
 
 def test_regressions_name_worse_and_better_figures():
@@ -252,7 +262,8 @@ def test_regressions_name_worse_and_better_figures():
 @pytest.mark.slow
 def test_cost_report_at_a_stage_given_on_the_command_line(tmp_path):
     """Window attention at a 4x4 stage with 16-wide heads: one window per sample, every side a power of
-    two, so no tile is padded; the backward walks the 16 offsets. Not compared with the baseline."""
+    two, so no tile is padded; no loop, the backward's bias gradient neither. Not compared with the
+    baseline."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cost.json"
     result = subprocess.run([sys.executable, "-m", "mxa_model.cli", "bench", "--suite", "cost", "--cases",
@@ -261,9 +272,10 @@ def test_cost_report_at_a_stage_given_on_the_command_line(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "not compared" in result.stdout
     forward, backward = json.loads(out.read_text())
-    assert forward["case"] == "3x16x4x4 window 4" and forward["triton"][0]["programs"] == 3
-    assert forward["triton"][0]["dot_efficiency"] == 1.0 and forward["triton"][0]["longest_loop"] == 0
-    assert backward["triton"][0]["longest_loop"] == 16
+    bias, attention = forward["triton"]
+    assert forward["case"] == "3x16x4x4 window 4" and (bias["programs"], attention["programs"]) == (1, 3)
+    assert attention["dot_efficiency"] == 1.0 and attention["longest_loop"] == 0
+    assert backward["triton"][0]["longest_loop"] == 0
 
 
 @pytest.mark.slow

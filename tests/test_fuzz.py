@@ -329,7 +329,8 @@ def window_args(batch=2, dk=4, dv=6, height=4, width=6, window=2):
 
 
 def cascaded_args(batch=2, channels=8, heads=2, key_dim=3, kernel=3, height=5, width=3, window=2):
-    """Random folded parameters of a cascade: heads of C / heads channels, value width C / heads."""
+    """Random folded parameters of a cascade: heads of C / heads channels, value width C / heads, every
+    other head's depthwise kernel two smaller (the centre of its weights)."""
     gen = torch.Generator().manual_seed(0)
     group = channels // heads
     qkv_out = 2 * key_dim + group
@@ -341,7 +342,8 @@ def cascaded_args(batch=2, channels=8, heads=2, key_dim=3, kernel=3, height=5, w
                 attention_biases=torch.randn(heads, window * window, generator=gen),
                 bias_idx=bias_index(window).to(torch.int32),
                 proj_weight=torch.randn(channels, heads * group, generator=gen) * (heads * group) ** -0.5,
-                proj_bias=torch.randn(channels, generator=gen) * 0.1, window=window, scale=key_dim ** -0.5)
+                proj_bias=torch.randn(channels, generator=gen) * 0.1, window=window, scale=key_dim ** -0.5,
+                kernel_sizes=[kernel if head % 2 == 0 else max(1, kernel - 2) for head in range(heads)])
 
 
 def _meta(t):
@@ -464,6 +466,10 @@ CASCADED_BAD = [
     ("scale", lambda t: None, TypeError, "scale must be a Python number, got NoneType"),
     ("proj_bias", lambda t: _meta(t), ValueError, "proj_bias is on meta but x is on cpu"),
     ("bias_idx", lambda t: _meta(t), ValueError, "bias_idx is on meta but x is on cpu"),
+    ("kernel_sizes", lambda t: t[:1], ValueError, r"kernel_sizes must give each of the 2 heads an odd depthwise"),
+    ("kernel_sizes", lambda t: [3, 2], ValueError, r"at most 3 \(dw_weight's\), got \[3, 2\]"),
+    ("kernel_sizes", lambda t: [5, 3], ValueError, r"at most 3 \(dw_weight's\), got \[5, 3\]"),
+    ("kernel_sizes", lambda t: (3.0, 1), ValueError, r"got \(3.0, 1\)"),
 ]
 
 
@@ -693,8 +699,8 @@ def test_fused_kernels_never_read_outside_the_bias_table():
     bad_idx[1, 2] = 1000  # query token 1, key token 2
     bad_idx[3, 0] = -5  # query token 3
     q, k, v = (args[n].to(DEVICE) for n in ("q", "k", "v"))
-    out, _ = window_kernels.window_attention_forward(q, k, v, args["bias"].to(DEVICE), bad_idx.to(DEVICE), 2,
-                                                             args["scale"])
+    out, *_ = window_kernels.window_attention_forward(q, k, v, args["bias"].to(DEVICE), bad_idx.to(DEVICE), 2,
+                                                              args["scale"])
     tokens = out.flatten(2)[0]  # (Dv, N)
     assert tokens[:, [1, 3]].isnan().all() and tokens[:, [0, 2]].isfinite().all()
     cargs = cascaded_args(batch=1, height=2, width=2, window=2)

@@ -15,13 +15,11 @@ import sys
 
 import pytest
 
-# Spill bytes allowed in half precision, by launch configuration: none but in the inference cascade
-# (its table in the module's notes) with the Triton the project is tested with (3.8); Triton 3.6's
-# allocator, the GPU machine's, spills up to 92 bytes in the MXA branch's channel backward and the
-# window attention's backward, and 120 in the narrow cascade (bench/README.md, "The GPU run"); 3.7,
-# not measured, gets 3.6's limits.
-HALF_PRECISION_SPILL_BYTES = {"3.8": {"other": 0, "narrow": 64, "wide": 2048},
-                              "3.6": {"other": 128, "narrow": 128, "wide": 2048}}
+# Spill bytes allowed in half precision, by launch configuration: none but in the wide inference cascade
+# in float16 (88 bytes; none in bfloat16) with the Triton the project is tested with (3.8); Triton
+# 3.6's allocator, the GPU machine's, spills up to 188 bytes in the window attention's kernels and
+# none in the others' (bench/README.md, "The GPU run"); 3.7, not measured, gets 3.6's limits.
+HALF_PRECISION_SPILL_BYTES = {"3.8": {"other": 0, "wide": 96}, "3.6": {"other": 256}}
 pytestmark = pytest.mark.slow
 
 

@@ -2,6 +2,7 @@
 an interrupted run resumed from its checkpoint equal to an uninterrupted one, and DistributedDataParallel
 with two gloo processes whose metrics count every validation image once."""
 
+import functools
 import json
 import os
 import subprocess
@@ -122,3 +123,34 @@ def test_evaluation_imports_no_training_code():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(sorted(["mxa_model.train", "mxa_model.train.checkpoint",
                                                 "mxa_model.train.distributed"]))
+
+
+@pytest.mark.slow
+def test_compiled_training_on_the_triton_backend_has_no_graph_break_and_eagers_losses(tmp_path, monkeypatch):
+    """`mxa train --compile --backend triton`, the configuration to train with on a GPU (here the fused
+    kernels run in Triton's interpreter): the model compiles as one graph with the fused ops inside it,
+    and two steps give the mean loss of the uncompiled eager backend. The graph goes to the
+    "aot_eager" backend (TorchDynamo's capture and AOTAutograd's forward and backward graphs, where a
+    custom op breaks a graph or fails), not to Inductor, with which this test took ten minutes on two
+    cores; tests/test_bench.py compiles the fused ops with Inductor. A small data set: the MXA branch's
+    kernels take most of the time in the interpreter."""
+    from mxa_model import cli
+
+    data = str(generate(tmp_path / "synth", n_train=8, n_valid=4, img_size=64, seed=1, workers=1, progress=False))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+    def run(output, *flags):
+        assert cli.main(["train", "--data", data, "--output", str(output), "--model", "mxa_efficientvit_m0",
+                         "--epochs", "1", "--img-size", "64", "--batch-size", "4", "--max-steps", "2", "--workers",
+                         "0", "--roi-mode", "align", "--quiet", *flags]) == 0
+        log = (output / "log.csv").read_text().splitlines()
+        return float(log[1].split(",")[log[0].split(",").index("train_loss")])
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_loss = run(tmp_path / "compiled", "--compile", "--backend", "triton")
+    graph_breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager_loss = run(tmp_path / "eager", "--backend", "eager")
+    assert graph_breaks == {} and graphs == 1
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)

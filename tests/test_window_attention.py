@@ -69,6 +69,49 @@ def test_fused_equals_reference(case):
         assert rel_err(g, w) < 2e-6, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("window, table", [(7, 30), (4, 200), (3, 2)])
+def test_any_offset_index_gets_its_bias_table_gradient(window, table):
+    """The bias-table gradient does not rely on timm's index: random offsets into tables smaller and
+    larger than the window's pairs (entries no pair uses get zero), long runs of pairs on one entry."""
+    q, k, v, _, _, grad = make_inputs(2, 16, 24, 2 * window, window, window)
+    gen = torch.Generator().manual_seed(window)
+    idx = torch.randint(0, table, (window ** 2, window ** 2), generator=gen).to(DEVICE)
+    bias = torch.randn(table, generator=gen, dtype=torch.float64).to(DEVICE)
+    want = run(window_attention_ref, q, k, v, bias, idx, grad, window)
+    got = run(fused, *(t.float() for t in (q, k, v, bias)), idx, grad.float(), window)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 2e-6, (name, rel_err(g, w))
+    unused = torch.ones(table, dtype=torch.bool, device=DEVICE).index_fill_(0, idx.flatten(), False)
+    assert (got[-1][unused] == 0).all()
+
+
+def test_a_nan_token_spoils_the_bias_gradients_eager_spoils():
+    """A NaN query token: NaN in the bias-table entries whose gradients eager makes NaN, and only in those
+    (the per-offset sums keep a non-finite value to its own offset)."""
+    q, k, v, bias, idx, grad = make_inputs(1, 16, 8, 7, 7, 7, dtype=torch.float32)
+    q[0, :, 3, 3] = float("nan")
+    want = run(window_attention_ref, q, k, v, bias, idx, grad, 7)[-1]
+    got = run(fused, q, k, v, bias, idx, grad, 7)[-1]
+    assert torch.equal(got.isnan(), want.isnan()) and 0 < int(want.isnan().sum()) < bias.numel()
+    assert rel_err(got[~want.isnan()], want[~want.isnan()]) < 1e-5
+
+
+def test_the_bias_gradient_plan_follows_its_index():
+    """The backward's plan (the pairs sorted by offset) is made once per index tensor, and anew when the
+    index changes in place."""
+    from mxa_kernels.ops.window_attention.kernels import bias_gradient_plan
+
+    idx = bias_index(4).clone().to(DEVICE)
+    plan = bias_gradient_plan(idx, 4, 16)
+    assert bias_gradient_plan(idx, 4, 16) is plan
+    q, k, v, bias, _, grad = make_inputs(1, 16, 16, 4, 4, 4)
+    idx.copy_(idx.flip(0))
+    assert bias_gradient_plan(idx, 4, 16) is not plan
+    want = run(window_attention_ref, q, k, v, bias, idx, grad, 4)
+    got = run(fused, *(t.float() for t in (q, k, v, bias)), idx, grad.float(), 4)
+    assert rel_err(got[-1], want[-1]) < 2e-6
+
+
 def test_channel_slices_of_one_projection_and_expanded_gradients():
     """q, k and v as timm cuts them from one qkv projection (strided views), and a stride-0 gradient."""
     _, _, _, bias, idx, _ = make_inputs(2, 16, 64, 14, 14, 7, dtype=torch.float32)

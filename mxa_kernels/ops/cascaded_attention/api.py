@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ...backend import dispatch
@@ -15,7 +17,7 @@ PARAMETERS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_biase
 
 
 def check_cascaded_attention_args(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx,
-                                  proj_weight, proj_bias, window, scale) -> None:
+                                  proj_weight, proj_bias, window, scale, kernel_sizes) -> None:
     check_features(OP, x)
     params = dict(zip(PARAMETERS, (qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx, proj_weight,
                                    proj_bias)))
@@ -55,24 +57,33 @@ def check_cascaded_attention_args(x, qkv_weight, qkv_bias, dw_weight, dw_bias, a
                          "a cascade (the channels must split evenly, each head's output feeds the next head's "
                          "input, the widths must be positive, the kernel odd)")
     check_bias_index(OP, bias_idx, window, attention_biases.shape[1], "each head's row of attention_biases")
+    sizes_ok = isinstance(kernel_sizes, (list, tuple)) and len(kernel_sizes) == heads and all(
+        isinstance(k, int) and not isinstance(k, bool) and 0 < k <= kernel and k % 2 for k in kernel_sizes)
+    if not sizes_ok:
+        raise ValueError(f"{OP}: kernel_sizes must give each of the {heads} heads an odd depthwise kernel size of at "
+                         f"most {kernel} (dw_weight's), got {kernel_sizes!r}")
 
 
 def cascaded_attention_infer(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, dw_weight: torch.Tensor,
                              dw_bias: torch.Tensor, attention_biases: torch.Tensor, bias_idx: torch.Tensor,
                              proj_weight: torch.Tensor, proj_bias: torch.Tensor, window: int, scale: float,
-                             backend: str | None = None) -> torch.Tensor:
+                             kernel_sizes: Sequence[int] | None = None, backend: str | None = None) -> torch.Tensor:
     """EfficientViT's whole windowed cascaded group attention at inference, BatchNorms folded (see
     :func:`cascaded_attention_infer_ref` for the arguments), served by the backend that ``backend`` (or
     the global selection) resolves to. Inference only: the fused kernel has no backward.
 
     x and the parameters: floating point (parameters of another floating dtype are cast); bias_idx: an
-    integer (N, N) index into each head's row of attention_biases.
+    integer (N, N) index into each head's row of attention_biases; kernel_sizes: each head's depthwise
+    kernel size (odd, at most dw_weight's K, whose centre it uses; None: K for every head).
     Non-finite values are not checked (that would cost a pass over the data and, on a GPU, a host
     synchronization): NaN and Inf in the inputs propagate to the output as in the eager reference.
     """
+    if kernel_sizes is None:
+        kernel_sizes = [dw_weight.shape[-1]] * dw_weight.shape[0] if dw_weight.dim() == 4 else []
     args = (x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx, proj_weight, proj_bias, window,
-            scale)
+            scale, kernel_sizes)
     check_cascaded_attention_args(*args)
+    args = (*args[:-1], list(kernel_sizes))  # the registered op's int[]
     fn = dispatch(OP, backend, cascaded_attention_infer_ref, args)
     if fn is not cascaded_attention_infer_ref and torch.is_grad_enabled() and any(
             t.requires_grad for t in args if isinstance(t, torch.Tensor)):

@@ -1,24 +1,28 @@
-"""Fused Triton kernel of EfficientViT's whole windowed cascaded group attention at inference (see
-:func:`cascaded_attention_infer_ref` for the definition): **one launch per block**, one program per
-window.
+"""Fused Triton kernels of EfficientViT's whole windowed cascaded group attention at inference (see
+:func:`cascaded_attention_infer_ref` for the definition): **three launches per block**: the heads'
+dense bias tiles (one small program per head, ``window_bias_tiles``), the cascade (one program per
+window), and the output projection as one batched GEMM over all tokens.
 
-Each program reads its window of the (B, C, H, W) input in place (the zero padding to whole windows
-and the window partition are folded into the indexing) and keeps the cascade in registers: for each
-head the feature sum, the q/k/v projection (BatchNorm folded), the depthwise convolution on q, the
-scores with the bias gathered through the offset index, a numerically stable softmax and the
-weighted sum of values. Two small per-window scratch buffers, which stay in L1/L2, carry what a
-program's registers cannot hold in a shape Triton can index:
+Each cascade program reads its window of the (B, C, H, W) input in place (the zero padding to whole
+windows and the window partition are folded into the indexing) and keeps the cascade in registers:
+for each head it loads its input once (the head's channels of x plus the previous head's output,
+which stays in registers), projects it to q, k and v (BatchNorm folded), filters q with the head's
+own depthwise kernel (its neighbours gathered in registers; the taps are walked from the centre
+outwards, ring by ring, so that a smaller kernel's taps come first and the loop passes the rest
+without a load or a product), adds the head's bias tile to the scores,
+and takes a numerically stable softmax (one reciprocal per row) and the weighted sum of values. It
+writes the heads' ReLU'd outputs at the window's tokens inside the map, (B, heads * Dv, H, W) in the
+input's dtype; the projection and its bias are one ``torch.baddbmm`` over them.
 
-- q, so that the depthwise convolution can read each token's neighbours (a barrier orders the
-  write and the reads within the program);
-- the heads' ReLU'd outputs, read back by the output projection in blocks of output channels.
-
-The projection writes the window's tokens that lie inside the map straight to the (B, C, H, W)
-output. Inference only: there is no backward (training needs batch statistics for the BatchNorms,
-see ``FusedLocalWindowAttention``).
+Moving the projection out of the kernel costs the heads' outputs written and read once (2 x B x
+heads * Dv x H x W elements); it frees the registers that held the projection's blocks (bench/README.md,
+the cost report). Inference only: there is no backward (training needs batch statistics for the
+BatchNorms, see ``FusedLocalWindowAttention``).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import triton
@@ -26,31 +30,56 @@ import triton.language as tl
 
 from ... import alloc
 from ...backend import kernel_dtype_reason, register_triton_op
+from ..window_attention.kernels import window_bias_tiles
 from ...launch import BUILD_DTYPES, MAX_HEAD_DIM, MAX_WINDOW_SIDE, LaunchConfig, dot_precision, kernel_build, padded
 
-# Launch configurations, by padded head width (DVP <= 64 or 128): output channels per projection
-# block, warps. Chosen by ptxas's sm_90 register report (tests/test_kernels_sm90.py): at 4 warps, or
-# wider projection blocks, the kernel spills more; "wide" still spills about 1 KB per thread.
-SHIPPED_CONFIGS = {"narrow": LaunchConfig("narrow", 8, {"COB": 16}), "wide": LaunchConfig("wide", 8, {"COB": 32})}
+# Launch configurations, by padded head width (DVP <= 64 or 128): warps per program, chosen by ptxas's
+# register report for sm_90 (tests/test_kernels_sm90.py, Triton 3.8): two programs per SM without a
+# spill in bfloat16 (sm_80: the wide one spills 168 bytes).
+SHIPPED_CONFIGS = {"narrow": LaunchConfig("narrow", 4), "wide": LaunchConfig("wide", 4)}
 
 
 @triton.jit
-def _head_input(x_tile, heads_buf, head, CG, sxc, in_map, dv, NP: tl.constexpr, DVP: tl.constexpr):
-    """(NP, DVP) input of ``head``: its channels of x (0 on the padding) plus the previous head's output."""
-    f = tl.load(x_tile + (head * CG + dv)[None, :] * sxc, mask=in_map[:, None] & (dv[None, :] < CG), other=0.0)
-    if head > 0:
-        f += tl.load(heads_buf + (head - 1) * NP * DVP)
-    return f
+def _input_half(x_base, x_tokens, channel0, d, sxc, in_map, group, previous):
+    """(NP, DVH) half of a head's input: its channels channel0 + d of x (0 on the padding, and past the
+    group's width, d >= group) plus that half of the previous head's output."""
+    f = tl.load(x_base + (x_tokens[:, None] + ((channel0 + d) * sxc)[None, :]),
+                mask=in_map[:, None] & (d[None, :] < group), other=0.0)
+    return f + previous  # in the input's dtype, as the reference adds them
 
 
-@triton.jit(do_not_specialize=["H", "W", "n_wh", "n_ww", "WS", "C", "CG", "DK", "DV", "HEADS", "OFFSETS"])
+@triton.jit
+def _project(f_lo, f_hi, w_ptr, rows, dh, CG, DVH: tl.constexpr, group, rows_ok, PREC: tl.constexpr):
+    """f @ W[rows]^T over both halves of the input: (NP, len(rows)) float32."""
+    w_lo = tl.load(w_ptr + (dh[:, None] + (rows * CG)[None, :]), mask=(dh[:, None] < group) & rows_ok[None, :],
+                   other=0.0)
+    out = tl.dot(f_lo, w_lo, input_precision=PREC)
+    w_hi = tl.load(w_ptr + ((dh + DVH)[:, None] + (rows * CG)[None, :]),
+                   mask=((dh + DVH)[:, None] < group) & rows_ok[None, :], other=0.0)
+    return tl.dot(f_hi, w_hi, acc=out, input_precision=PREC)
+
+
+@triton.jit
+def _output_half(p, v, out_base, out_tokens, channel0, d, shc, in_window, in_map, value, PREC: tl.constexpr):
+    """A half of the head's output p @ v (its columns d): stored ReLU'd at the map's tokens (channels
+    channel0 + d of the heads' outputs), returned for the next head's input."""
+    out = tl.dot(p, v, input_precision=PREC)
+    # zero on the padding (tokens past the window, columns past Dv), which a NaN or Inf in the
+    # window's real tokens would otherwise reach through the products and carry to every token
+    out = tl.where(in_window[:, None] & (d[None, :] < value), out, 0.0).to(v.dtype)
+    # the ReLU before the projection; NaN stays NaN as in torch.relu (tl.maximum's default drops it)
+    relu = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_base + (out_tokens[:, None] + ((channel0 + d) * shc)[None, :]), relu,
+             mask=in_map[:, None] & (d[None, :] < value))
+    return out
+
+
+@triton.jit(do_not_specialize=["H", "W", "n_wh", "n_ww", "WS", "CG", "DK", "DV", "HEADS"])
 def cascaded_attention_infer_kernel(
-    x_ptr, qkv_w_ptr, qkv_b_ptr, dw_w_ptr, dw_b_ptr, bias_ptr, idx_ptr, proj_w_ptr, proj_b_ptr,
-    q_buf_ptr, heads_buf_ptr, out_ptr,
-    H, W, n_wh, n_ww, WS, C, CG, DK, DV, HEADS, OFFSETS, scale,
-    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-    KS: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, NP: tl.constexpr, COB: tl.constexpr,
-    PREC: tl.constexpr,
+    x_ptr, qkv_w_ptr, qkv_b_ptr, dw_w_ptr, dw_b_ptr, head_sizes_ptr, ring_ptr, tiles_ptr, heads_ptr,
+    H, W, n_wh, n_ww, WS, CG, DK, DV, HEADS, scale,
+    sxb, sxc, sxh, sxw, shb, shc, shh, shw,
+    KS: tl.constexpr, DKP: tl.constexpr, DVH: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
 ):
     window_id = tl.program_id(0)
     per_image = n_wh * n_ww
@@ -62,76 +91,66 @@ def cascaded_attention_infer_kernel(
     in_window = n < WS * WS
     in_map = in_window & (y < H) & (x < W)  # tokens of the zero padding are in the window, not the map
     dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
     dt = x_ptr.dtype.element_ty
     scale32 = tl.cast(scale, tl.float32)
-    q_buf = q_buf_ptr + window_id.to(tl.int64) * NP * DKP + dk[None, :]  # (NP, DKP) rows: tokens
-    heads_buf = heads_buf_ptr + window_id.to(tl.int64) * HEADS * NP * DVP + n[:, None] * DVP + dv[None, :]
-    x_tile = x_ptr + b * sxb + y[:, None] * sxh + x[:, None] * sxw
+    # 32-bit offsets of the tokens, the channels' added in the loop: pointer tiles made once and kept
+    # across the heads would hold two registers per element
+    x_base, x_tokens = x_ptr + b * sxb, y * sxh + x * sxw
+    out_base, out_tokens = heads_ptr + b * shb, y * shh + x * shw
 
-    q_w_mask = (dv[:, None] < CG) & (dk[None, :] < DK)
-    v_w_mask = (dv[:, None] < CG) & (dv[None, :] < DV)
+    # The head widths in two halves (DVH = DVP / 2): the input, its projection's weights, v, the output
+    # and the previous head's output as (tokens, DVH) tiles, which keeps a 128-wide head's tiles small
+    # enough for two programs per SM.
+    dh = tl.arange(0, DVH)
+    previous_lo = tl.zeros((NP, DVH), dtype=dt)  # the previous head's output: none before the first
+    previous_hi = tl.zeros((NP, DVH), dtype=dt)
     for head in range(HEADS):
-        # this head's projection weights as (in, out) tiles of the (2 Dk + Dv, CG) matrix
-        w_head = qkv_w_ptr + head * (2 * DK + DV) * CG + dv[:, None]
-        b_head = qkv_b_ptr + head * (2 * DK + DV)
-        # The head's input (its chunk of x plus the previous head's output) is read again, from cache,
-        # for each of q, k and v: holding it, or q, k and v, in registers across the depthwise
-        # convolution and the softmax makes the compiler spill.
-        f = _head_input(x_tile, heads_buf, head, CG, sxc, in_map, dv, NP, DVP)
-        q = tl.dot(f, tl.load(w_head + dk[None, :] * CG, mask=q_w_mask, other=0.0), input_precision=PREC)
-        q += tl.load(b_head + dk, mask=dk < DK, other=0.0)[None, :]
+        # The head's sizes (its taps, and CG, DK, DV again), read from a table in the loop: the 2-D masks
+        # made from them are then made in the loop; masks made before it would each hold a register per
+        # element across the loop (the 128-wide heads spill).
+        taps_h = tl.load(head_sizes_ptr + 4 * head)
+        group_h = tl.load(head_sizes_ptr + 4 * head + 1)
+        key_h = tl.load(head_sizes_ptr + 4 * head + 2)
+        value_h = tl.load(head_sizes_ptr + 4 * head + 3)
+        f_lo = _input_half(x_base, x_tokens, head * CG, dh, sxc, in_map, group_h, previous_lo)
+        f_hi = _input_half(x_base, x_tokens, head * CG, dh + DVH, sxc, in_map, group_h, previous_hi)
+        # this head's projection weights as (in, out) tiles of its (2 Dk + Dv, CG) matrix, by halves of
+        # the input (the head's rows of the weights, 1-D, then the 2-D tile: an offset tile that does not
+        # depend on the head would be kept in registers across the loop)
+        first = head * (2 * DK + DV)
+        b_head = qkv_b_ptr + first
+        q = _project(f_lo, f_hi, qkv_w_ptr, first + dk, dh, CG, DVH, group_h, dk < key_h, PREC)
+        q = (q + tl.load(b_head + dk, mask=dk < DK, other=0.0)[None, :]).to(dt)  # as the reference rounds it
+        k = _project(f_lo, f_hi, qkv_w_ptr, first + DK + dk, dh, CG, DVH, group_h, dk < key_h, PREC)
+        k = (k + tl.load(b_head + DK + dk, mask=dk < DK, other=0.0)[None, :]).to(dt)
 
-        # depthwise convolution of q over the window, zero outside it
-        tl.store(q_buf + n[:, None] * DKP, q)
-        tl.debug_barrier()
+        # the head's depthwise convolution of q over the window, zero outside it: its taps are the
+        # first taps_h of the KS x KS taps in ring order (centre first)
         q_dw = tl.zeros((NP, DKP), dtype=tl.float32) + tl.load(dw_b_ptr + head * DK + dk, mask=dk < DK, other=0.0)[None, :]
-        for tap in range(KS * KS):
-            src_row = row + (tap // KS - KS // 2)
-            src_col = col + (tap % KS - KS // 2)
-            ok = in_window & (src_row >= 0) & (src_row < WS) & (src_col >= 0) & (src_col < WS)
-            neighbour = tl.load(q_buf + (src_row * WS + src_col)[:, None] * DKP, mask=ok[:, None], other=0.0)
-            tap_w = tl.load(dw_w_ptr + (head * DK + dk) * (KS * KS) + tap, mask=dk < DK, other=0.0)
-            q_dw += neighbour * tap_w[None, :]
-        tl.debug_barrier()  # every read of q_buf is done before the next head overwrites it
+        for ring_tap in range(KS * KS):
+            if ring_tap < taps_h:
+                tap = tl.load(ring_ptr + ring_tap)  # its place in the row-major KS x KS kernel
+                src_row = row + (tap // KS - KS // 2)
+                src_col = col + (tap % KS - KS // 2)
+                ok = in_window & (src_row >= 0) & (src_row < WS) & (src_col >= 0) & (src_col < WS)
+                src = tl.broadcast_to(tl.where(ok, src_row * WS + src_col, 0)[:, None], (NP, DKP))
+                neighbour = tl.where(ok[:, None], tl.gather(q, src, 0), 0.0)
+                tap_w = tl.load(dw_w_ptr + (head * DK + dk) * (KS * KS) + tap, mask=dk < DK, other=0.0)
+                q_dw += neighbour * tap_w[None, :]
 
-        f = _head_input(x_tile, heads_buf, head, CG, sxc, in_map, dv, NP, DVP)
-        k = tl.dot(f, tl.load(w_head + (DK + dk)[None, :] * CG, mask=q_w_mask, other=0.0), input_precision=PREC)
-        k += tl.load(b_head + DK + dk, mask=dk < DK, other=0.0)[None, :]
-        s = tl.dot(q_dw.to(dt), tl.trans(k.to(dt)), input_precision=PREC) * scale32
-        pair_ok = in_window[:, None] & in_window[None, :]
-        idx = tl.load(idx_ptr + n[:, None] * (WS * WS) + n[None, :], mask=pair_ok, other=0)
-        # an offset outside the table gives a NaN score: the table is never read past
-        in_table = (idx >= 0) & (idx < OFFSETS)
-        s += tl.where(pair_ok & ~in_table, float("nan"),
-                      tl.load(bias_ptr + head * OFFSETS + idx, mask=pair_ok & in_table, other=0.0))
-        s = tl.where(in_window[None, :], s, float("-inf"))
+        s = tl.dot(q_dw.to(dt), tl.trans(k), input_precision=PREC) * scale32
+        s += tl.load(tiles_ptr + ((head * NP + n) * NP)[:, None] + n[None, :]).to(tl.float32)  # padded keys: -inf
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-
-        f = _head_input(x_tile, heads_buf, head, CG, sxc, in_map, dv, NP, DVP)
-        v = tl.dot(f, tl.load(w_head + (2 * DK + dv)[None, :] * CG, mask=v_w_mask, other=0.0), input_precision=PREC)
-        v += tl.load(b_head + 2 * DK + dv, mask=dv < DV, other=0.0)[None, :]
-        out_head = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
-        # zero on the padding (tokens past the window, columns past Dv), which a NaN or Inf in the
-        # window's real tokens would otherwise reach through the products and carry to every token
-        out_head = tl.where(in_window[:, None] & (dv[None, :] < DV), out_head, 0.0)
-        tl.store(heads_buf + head * NP * DVP, out_head.to(dt))
-        tl.debug_barrier()  # the next head reads this output as part of its input
-
-    # output projection over the concatenated heads, COB output channels at a time
-    co = tl.arange(0, COB)
-    for c0 in range(0, C, COB):
-        c_ok = (c0 + co) < C
-        acc = tl.zeros((NP, COB), dtype=tl.float32) + tl.load(proj_b_ptr + c0 + co, mask=c_ok, other=0.0)[None, :]
-        for head in range(HEADS):
-            # the ReLU before the projection; NaN stays NaN as in torch.relu (tl.maximum's default drops it)
-            a = tl.maximum(tl.load(heads_buf + head * NP * DVP), 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt)
-            w_proj = tl.load(proj_w_ptr + (c0 + co)[None, :] * (HEADS * DV) + (head * DV + dv)[:, None],
-                             mask=(dv[:, None] < DV) & c_ok[None, :], other=0.0)
-            acc += tl.dot(a, w_proj, input_precision=PREC)
-        out = out_ptr + b * sob + (c0 + co)[None, :] * soc + y[:, None] * soh + x[:, None] * sow
-        tl.store(out, acc.to(dt), mask=in_map[:, None] & c_ok[None, :])
+        p = (p * (1.0 / tl.sum(p, axis=1))[:, None]).to(dt)
+        # v after the softmax: fewer tiles live at once
+        v_lo = _project(f_lo, f_hi, qkv_w_ptr, first + 2 * DK + dh, dh, CG, DVH, group_h, dh < value_h, PREC)
+        v_lo = (v_lo + tl.load(b_head + 2 * DK + dh, mask=dh < DV, other=0.0)[None, :]).to(dt)
+        v_hi = _project(f_lo, f_hi, qkv_w_ptr, first + 2 * DK + DVH + dh, dh, CG, DVH, group_h, dh + DVH < value_h,
+                        PREC)
+        v_hi = (v_hi + tl.load(b_head + 2 * DK + DVH + dh, mask=dh + DVH < DV, other=0.0)[None, :]).to(dt)
+        previous_lo = _output_half(p, v_lo, out_base, out_tokens, head * DV, dh, shc, in_window, in_map, value_h, PREC)
+        previous_hi = _output_half(p, v_hi, out_base, out_tokens, head * DV, dh + DVH, shc, in_window, in_map,
+                                   value_h, PREC)
 
 
 def launch_config(dv_padded: int) -> LaunchConfig:
@@ -139,42 +158,69 @@ def launch_config(dv_padded: int) -> LaunchConfig:
     return SHIPPED_CONFIGS["narrow" if dv_padded <= 64 else "wide"]
 
 
-def cascaded_attention_infer_forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx,
-                                     proj_weight, proj_bias, window: int, scale: float, config: str | None = None):
-    """Launch the kernel (``config``: a key of SHIPPED_CONFIGS, or None to pick by head width)."""
+@cache
+def _ring_order(kernel: int, device: torch.device) -> torch.Tensor:
+    """The taps of a ``kernel`` x ``kernel`` depthwise kernel (row-major places) from the centre outwards,
+    ring by ring, so that the first k * k are the centred k x k kernel; int32, on ``device``."""
+    half = kernel // 2
+    taps = sorted(range(kernel * kernel), key=lambda t: (max(abs(t // kernel - half), abs(t % kernel - half)), t))
+    return torch.tensor(taps, dtype=torch.int32, device=device)
+
+
+@cache
+def _head_sizes(kernel_sizes: tuple[int, ...], group: int, key_dim: int, val_dim: int, device: torch.device
+                ) -> torch.Tensor:
+    """Each head's taps (its kernel size squared), group, key and value widths: (heads, 4) int32 on ``device``."""
+    return torch.tensor([(k * k, group, key_dim, val_dim) for k in kernel_sizes], dtype=torch.int32, device=device)
+
+
+def cascaded_attention_infer_heads(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx,
+                                   window: int, scale: float, kernel_sizes, config: str | None = None):
+    """Launch the kernel (``config``: a key of SHIPPED_CONFIGS, or None to pick by head width): the heads'
+    ReLU'd outputs, (B, heads * Dv, H, W)."""
     batch, channels, height, width = x.shape
     heads, qkv_out, group = qkv_weight.shape
     key_dim, kernel = dw_weight.shape[1], dw_weight.shape[-1]
     val_dim = qkv_out - 2 * key_dim
     n_wh, n_ww = -(-height // window), -(-width // window)
     windows = batch * n_wh * n_ww
-    sizes = dict(KS=kernel, DKP=padded(key_dim), DVP=padded(max(group, val_dim)), NP=padded(window ** 2))
-    launch = SHIPPED_CONFIGS[config] if config is not None else launch_config(sizes["DVP"])
-    out = alloc.empty(x.shape, dtype=x.dtype, device=x.device)
-    q_buf = alloc.empty((windows, sizes["NP"], sizes["DKP"]), dtype=torch.float32, device=x.device)
-    heads_buf = alloc.empty((windows, heads, sizes["NP"], sizes["DVP"]), dtype=x.dtype, device=x.device)
-    qkv_b, dw_w, dw_b, table, proj_b = (t.float().contiguous()
-                                        for t in (qkv_bias, dw_weight, dw_bias, attention_biases, proj_bias))
+    sizes = dict(KS=kernel, DKP=padded(key_dim), DVH=padded(max(group, val_dim), 32) // 2, NP=padded(window ** 2))
+    launch = SHIPPED_CONFIGS[config] if config is not None else launch_config(2 * sizes["DVH"])
+    heads_out = alloc.empty((batch, heads * val_dim, height, width), dtype=x.dtype, device=x.device)
+    qkv_b, dw_w, dw_b = (t.float().contiguous() for t in (qkv_bias, dw_weight, dw_bias))
+    tiles = window_bias_tiles(attention_biases, bias_idx, window, x.dtype)
     with alloc.on_device(x):
         cascaded_attention_infer_kernel[(windows,)](
-            x, qkv_weight.to(x.dtype).contiguous(), qkv_b, dw_w, dw_b, table, bias_idx.to(torch.int32).contiguous(),
-            proj_weight.to(x.dtype).contiguous(), proj_b, q_buf, heads_buf, out,
-            height, width, n_wh, n_ww, window, channels, group, key_dim, val_dim, heads, attention_biases.shape[1], scale,
-            *x.stride(), *out.stride(), **sizes, PREC=dot_precision(x.dtype), **launch.options(),
+            x, qkv_weight.to(x.dtype).contiguous(), qkv_b, dw_w, dw_b, _head_sizes(tuple(kernel_sizes), group, key_dim, val_dim, x.device),
+            _ring_order(kernel, x.device), tiles, heads_out,
+            height, width, n_wh, n_ww, window, group, key_dim, val_dim, heads, scale,
+            *x.stride(), *heads_out.stride(), **sizes, PREC=dot_precision(x.dtype), **launch.options(),
         )
-    return out
+    return heads_out
+
+
+def cascaded_attention_infer_forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx,
+                                     proj_weight, proj_bias, window: int, scale: float, kernel_sizes,
+                                     config: str | None = None):
+    """The kernel, then the output projection as one batched GEMM over every token."""
+    heads_out = cascaded_attention_infer_heads(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases,
+                                               bias_idx, window, scale, kernel_sizes, config)
+    batch, channels, height, width = x.shape
+    out = torch.baddbmm(proj_bias.to(x.dtype)[None, :, None].expand(batch, channels, height * width),
+                        proj_weight.to(x.dtype).expand(batch, *proj_weight.shape), heads_out.flatten(2))
+    return out.view(x.shape)
 
 
 def builds(all_configs: bool = False) -> list:
-    """The kernel x dtype in each shipped configuration, for GPU targets without a GPU: 7x7 windows, a 5x5
-    depthwise kernel, 16-wide keys, heads as wide as the configuration serves at 224 px (``all_configs``
-    adds none)."""
+    """The kernel x dtype in each shipped configuration, for GPU targets without a GPU: 7x7 windows, 7x7
+    depthwise kernels at most, 16-wide keys, heads as wide as the configuration serves at 224 px
+    (``all_configs`` adds none)."""
     head_widths = {"narrow": 64, "wide": 128}
     return [kernel_build(cascaded_attention_infer_kernel, f"{name}: 7x7 windows, heads {width} wide", dtype,
-                         SHIPPED_CONFIGS[name], dict(KS=5, DKP=16, DVP=width, NP=64),
-                         sizes=("H", "W", "n_wh", "n_ww", "WS", "C", "CG", "DK", "DV", "HEADS", "OFFSETS"),
-                         feature_pointers={"x_ptr", "out_ptr", "qkv_w_ptr", "proj_w_ptr", "heads_buf_ptr"},
-                         index_pointers={"idx_ptr"})
+                         SHIPPED_CONFIGS[name], dict(KS=7, DKP=16, DVH=width // 2, NP=64),
+                         sizes=("H", "W", "n_wh", "n_ww", "WS", "CG", "DK", "DV", "HEADS"),
+                         feature_pointers={"x_ptr", "qkv_w_ptr", "heads_ptr", "tiles_ptr"},
+                         index_pointers={"head_sizes_ptr", "ring_ptr"})
             for dtype in BUILD_DTYPES for name, width in head_widths.items()]
 
 
@@ -190,13 +236,14 @@ def launch_passes(*args, grad_like=None) -> dict:
 def cascaded_attention_infer_op(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
                                 dw_weight: torch.Tensor, dw_bias: torch.Tensor, attention_biases: torch.Tensor,
                                 bias_idx: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                                window: int, scale: float) -> torch.Tensor:
+                                window: int, scale: float, kernel_sizes: list[int]) -> torch.Tensor:
     return cascaded_attention_infer_forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx,
-                                            proj_weight, proj_bias, window, scale)
+                                            proj_weight, proj_bias, window, scale, kernel_sizes)
 
 
 @cascaded_attention_infer_op.register_fake
-def _(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx, proj_weight, proj_bias, window, scale):
+def _(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx, proj_weight, proj_bias, window, scale,
+      kernel_sizes):
     return x.new_empty(x.shape)
 
 
@@ -206,15 +253,12 @@ def cascaded_attention_infer_triton(*args):
 
 
 def unsupported_reason(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_biases, bias_idx, proj_weight,
-                       proj_bias, window, scale) -> str | None:
+                       proj_bias, window, scale, kernel_sizes) -> str | None:
     """Why the fused kernel cannot serve these arguments, or None."""
     what = "the fused cascaded group attention"
     if window > MAX_WINDOW_SIDE:
         return f"{what} serves windows up to {MAX_WINDOW_SIDE}x{MAX_WINDOW_SIDE}, got {window}x{window}"
-    key_dim, kernel = dw_weight.shape[1], dw_weight.shape[-1]
-    if kernel % 2 == 0:
-        return f"{what} serves odd depthwise kernel sizes, got {kernel}"
-    widths = (key_dim, qkv_weight.shape[1] - 2 * key_dim, qkv_weight.shape[2])
+    widths = (dw_weight.shape[1], qkv_weight.shape[1] - 2 * dw_weight.shape[1], qkv_weight.shape[2])
     if max(widths) > MAX_HEAD_DIM:
         return f"{what} serves key, value and group widths up to {MAX_HEAD_DIM}, got {widths}"
     return kernel_dtype_reason(x, what)

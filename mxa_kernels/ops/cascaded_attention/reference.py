@@ -11,6 +11,8 @@ with the relative-position bias. The heads' outputs go through a ReLU and a 1x1 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ from ..window_attention.reference import merge_windows, partition_windows
 def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
                                  dw_weight: torch.Tensor, dw_bias: torch.Tensor, attention_biases: torch.Tensor,
                                  bias_idx: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                                 window: int, scale: float) -> torch.Tensor:
+                                 window: int, scale: float, kernel_sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Windowed cascaded group attention with folded BatchNorms.
 
     Args:
@@ -30,6 +32,8 @@ def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_
         attention_biases: (heads, num_offsets) bias table; bias_idx: (N, N) offset index, N = window * window.
         proj_weight: (C, heads * Dv) and proj_bias: (C,), the output projection after the ReLU.
         window: window side; scale: multiplies q . k.
+        kernel_sizes: each head's depthwise kernel size, odd, at most K: the head uses the centre of its
+            (K, K) weights (None: all of them).
     Returns:
         (B, C, H, W).
     """
@@ -47,8 +51,10 @@ def cascaded_attention_infer_ref(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_
             feat = feat + feats_in[head]
         q, k, v = (qkv_weight[head] @ feat + qkv_bias[head][:, None]).split(
             [key_dim, key_dim, qkv_weight.shape[1] - 2 * key_dim], dim=1)
-        q = F.conv2d(q.unflatten(2, (window, window)), dw_weight[head].unsqueeze(1), dw_bias[head],
-                     padding=kernel // 2, groups=key_dim).flatten(2)
+        size = kernel if kernel_sizes is None else kernel_sizes[head]
+        crop = slice((kernel - size) // 2, (kernel + size) // 2)
+        q = F.conv2d(q.unflatten(2, (window, window)), dw_weight[head, :, crop, crop].unsqueeze(1), dw_bias[head],
+                     padding=size // 2, groups=key_dim).flatten(2)
         attn = (q.transpose(1, 2) @ k * scale + bias[head]).softmax(dim=-1)
         feat = v @ attn.transpose(1, 2)
         feats_out.append(feat)

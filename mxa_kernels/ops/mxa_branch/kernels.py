@@ -906,6 +906,7 @@ def _setup_context(ctx, inputs, output):
     x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, align = inputs
     _, pooled, hidden, cw, stats, argmax, spatial = output
     ctx.mark_non_differentiable(pooled, hidden, cw, stats, argmax, spatial)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the outputs saved for the backward
     ctx.save_for_backward(x, boxes, ca_reduce_weight, ca_expand_weight, sa_weight, pooled, hidden, cw, stats,
                           argmax, spatial)
     ctx.align = align
