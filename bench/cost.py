@@ -83,7 +83,9 @@ def roofline_us(bytes_moved: int, flops: int, launches: int, target: Target) -> 
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes of the distinct elements of ``t``: an expanded (stride 0) dimension is read once."""
-    return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size() if t.numel() else 0
+    if not t.numel():
+        return 0
+    return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
 
 
 def _is_view(func) -> bool:

@@ -191,8 +191,9 @@ def cascaded_attention_infer_heads(x, qkv_weight, qkv_bias, dw_weight, dw_bias, 
     tiles = window_bias_tiles(attention_biases, bias_idx, window, x.dtype)
     with alloc.on_device(x):
         cascaded_attention_infer_kernel[(windows,)](
-            x, qkv_weight.to(x.dtype).contiguous(), qkv_b, dw_w, dw_b, _head_sizes(tuple(kernel_sizes), group, key_dim, val_dim, x.device),
-            _ring_order(kernel, x.device), tiles, heads_out,
+            x, qkv_weight.to(x.dtype).contiguous(), qkv_b, dw_w, dw_b,
+            _head_sizes(tuple(kernel_sizes), group, key_dim, val_dim, x.device), _ring_order(kernel, x.device), tiles,
+            heads_out,
             height, width, n_wh, n_ww, window, group, key_dim, val_dim, heads, scale,
             *x.stride(), *heads_out.stride(), **sizes, PREC=dot_precision(x.dtype), **launch.options(),
         )

@@ -39,7 +39,7 @@ from ...launch import BUILD_DTYPES, MAX_HEAD_DIM, MAX_WINDOW_SIDE, LaunchConfig,
 SHIPPED_CONFIGS = {"forward": LaunchConfig("forward", 4), "backward narrow": LaunchConfig("backward narrow", 4),
                    "backward wide": LaunchConfig("backward wide", 8)}
 # The fused op serves bias tables of fewer entries: each backward program holds one gradient per entry
-# (and the forward is the backward's half).
+# (the forward alone would not need the limit, but one backend serves both passes of a call).
 MAX_BIAS_TABLE = 1024
 
 
