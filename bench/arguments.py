@@ -8,9 +8,7 @@ The suite and provider names are plain tuples here; the tests check that they eq
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
 SUITE_NAMES = ("smoke", "full", "cost")
 PROVIDER_NAMES = ("eager", "triton", "triton+compile", "torch.compile", "torch.compile max-autotune",
                   "per-sample loop", "sdpa", "timm plain")
@@ -41,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the cost suite: a stage shape to report instead of M5's (repeatable): channels, map "
                              "side, attention heads, value width per head; e.g. --stage 128,14,4,32")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
-                        help="append the records to DEVICE_SUITE.jsonl here (default: %(default)s)")
+    # the current directory, never the package's folder: a run (or the tests) must not write into the source
+    # tree or the installation; committed records go to bench/results/ by passing it
+    parser.add_argument("--results-dir", default=".",
+                        help="append the records to DEVICE_SUITE.jsonl in this folder (default: the current "
+                             "directory; bench/results/ of the checkout holds the committed ones)")
     parser.add_argument("--no-save", action="store_true", help="append nothing under --results-dir")
     parser.add_argument("--baseline", metavar="FILE",
                         help="also compare the key ratios with FILE, a baseline written on this machine by "

@@ -331,7 +331,7 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
         return torch.autocast(device.type, dtype=case.torch_dtype)
 
     torch.manual_seed(0)
-    mxa = mxa_model.create_model(f"mxa_{variant}", **common).to(device)
+    mxa = mxa_model.create_model(f"mxa_{variant}", roi_mode="crop", **common).to(device)  # the authors' model
     work = Workload()
     for provider in providers:
         if provider == "timm plain":

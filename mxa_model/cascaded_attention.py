@@ -3,31 +3,34 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models.efficientvit_msra import LocalWindowAttention
 
 import mxa_kernels
 
 
-def _per_window(conv_norm: torch.nn.Module, t: torch.Tensor, window: int) -> torch.Tensor:
-    """timm's query ``ConvNorm`` (a depthwise convolution, then BatchNorm) with the convolution applied to
-    each window of ``t`` on its own (zero padding at window borders), as timm's windowed attention
+def _per_window(t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int,
+                window: int) -> torch.Tensor:
+    """The depthwise convolution of timm's query ``ConvNorm`` (``weight``, ``bias``, ``padding``) applied
+    to each window of ``t`` on its own (zero padding at window borders), as timm's windowed attention
     applies it, without copying windows out and back: the map seen as (B, C * rows of windows, window,
     columns of windows, window) is a view (of an NCHW map), and a depthwise 3-D convolution with a
     (k, 1, k) kernel keeps the windows of a row apart (its middle axis) and those of a column too
     (their channels)."""
     batch, depth, height, width = t.shape
     if height == window and width == window:
-        return conv_norm(t)
+        return F.conv2d(t, weight, bias, padding=padding, groups=depth)
     n_h, n_w = height // window, width // window
-    conv = conv_norm.conv
-    pad = conv.padding[0]
-    weight = conv.weight.repeat_interleave(n_h, dim=0).unsqueeze(3)  # (C * n_h, 1, k, 1, k)
-    bias = None if conv.bias is None else conv.bias.repeat_interleave(n_h)
-    out = F.conv3d(t.reshape(batch, depth * n_h, window, n_w, window), weight, bias, padding=(pad, 0, pad),
+    weight = weight.repeat_interleave(n_h, dim=0).unsqueeze(3)  # (C * n_h, 1, k, 1, k)
+    if bias is not None:
+        bias = bias.repeat_interleave(n_h)
+    out = F.conv3d(t.reshape(batch, depth * n_h, window, n_w, window), weight, bias, padding=[padding, 0, padding],
                    groups=depth * n_h)
-    return conv_norm.bn(out.view(batch, depth, height, width))
+    return out.view(batch, depth, height, width)
 
 
 def _fold(conv_norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +41,7 @@ def _fold(conv_norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return conv_norm.conv.weight * gain[:, None, None, None], bn.bias - bn.running_mean * gain
 
 
+@register_notrace_module  # as timm registers LocalWindowAttention: FX cannot trace the dispatch or the padding
 class FusedLocalWindowAttention(LocalWindowAttention):
     """timm's ``LocalWindowAttention`` (same parameters, buffers and results) served by the fused
     kernels when the kernel backend resolves to Triton.
@@ -51,12 +55,16 @@ class FusedLocalWindowAttention(LocalWindowAttention):
       map (no copy); each head's attention is :func:`mxa_kernels.window_attention`, which reads q, k
       and v in place.
 
-    With the eager backend the forward is timm's own.
+    With the eager backend the forward is timm's own. Under TorchScript (which cannot call the Python
+    dispatch or timm's forward through ``super()``) it is the whole-map cascade above with the eager
+    reference of :func:`mxa_kernels.window_attention`.
     """
 
-    backend: str | None = None  # None: follow the global selection (mxa_kernels.set_backend)
-    _folded: tuple[torch.Tensor, ...] | None = None
-    _folded_key: tuple | None = None
+    backend: Optional[str] = None  # None: follow the global selection (mxa_kernels.set_backend)
+    # used only on the Python paths (the backend, the Triton inference path's cache): TorchScript skips them
+    __jit_ignored_attributes__ = ["backend", "_folded", "_folded_key"]
+    _folded: Optional[tuple[torch.Tensor, ...]] = None
+    _folded_key: Optional[tuple] = None
 
     def folded_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The block in eval mode as the arguments of :func:`mxa_kernels.cascaded_attention_infer` after
@@ -94,31 +102,38 @@ class FusedLocalWindowAttention(LocalWindowAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         window = attn.resolution
-        if mxa_kernels.resolve_backend("window_attention", self.backend, x.device) == "eager":
-            return super().forward(x)
-        if not self.training and not torch.is_grad_enabled():
-            args = (x, *self.folded_parameters(x.dtype), window, attn.scale, self.query_kernel_sizes)
-            if mxa_kernels.triton_unavailable_reason("cascaded_attention_infer", x.device, args) is None:
-                return mxa_kernels.cascaded_attention_infer(*args, backend="triton")
-        # what the op will be asked (dtype, device, head sizes, window), to pick the path up front
-        like_q, like_v = x.new_empty(1, attn.key_dim, 1, 1), x.new_empty(1, attn.val_dim, 1, 1)
-        probe = (like_q, like_q, like_v, attn.attention_biases[0], attn.attention_bias_idxs, window, attn.scale)
-        if mxa_kernels.resolve_backend("window_attention", self.backend, x.device, probe) == "eager":
-            return super().forward(x)
-        _, _, height, width = x.shape
+        if not torch.jit.is_scripting():  # TorchScript runs the cascade below with the eager reference
+            if mxa_kernels.resolve_backend("window_attention", self.backend, x.device) == "eager":
+                return super().forward(x)
+            if not self.training and not torch.is_grad_enabled():
+                args = (x, *self.folded_parameters(x.dtype), window, attn.scale, self.query_kernel_sizes)
+                if mxa_kernels.triton_unavailable_reason("cascaded_attention_infer", x.device, args) is None:
+                    return mxa_kernels.cascaded_attention_infer(*args, backend="triton")
+            # what the op will be asked (dtype, device, head sizes, window), to pick the path up front
+            like_q, like_v = x.new_empty(1, attn.key_dim, 1, 1), x.new_empty(1, attn.val_dim, 1, 1)
+            probe = (like_q, like_q, like_v, attn.attention_biases[0], attn.attention_bias_idxs, window, attn.scale)
+            if mxa_kernels.resolve_backend("window_attention", self.backend, x.device, probe) == "eager":
+                return super().forward(x)
+        height, width = x.shape[2], x.shape[3]
         pad_b, pad_r = -height % window, -width % window
         if pad_b or pad_r:
-            x = F.pad(x, (0, pad_r, 0, pad_b))
+            x = F.pad(x, [0, pad_r, 0, pad_b])
         feats_in = x.chunk(len(attn.qkvs), dim=1)
         feats_out = []
         feat = feats_in[0]
-        for head, (qkv, dws) in enumerate(zip(attn.qkvs, attn.dws)):
+        head = 0
+        for qkv, dws in zip(attn.qkvs, attn.dws):
             if head > 0:
                 feat = feat + feats_in[head]
             q, k, v = qkv(feat).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=1)
-            q = _per_window(dws, q, window)
-            feat = mxa_kernels.window_attention(q, k, v, attn.attention_biases[head], attn.attention_bias_idxs,
-                                                window, attn.scale, backend="triton")
+            q = dws.bn(_per_window(q, dws.conv.weight, dws.conv.bias, dws.conv.padding[0], window))
+            if torch.jit.is_scripting():
+                feat = mxa_kernels.window_attention_ref(q, k, v, attn.attention_biases[head], attn.attention_bias_idxs,
+                                                        window, attn.scale)
+            else:
+                feat = mxa_kernels.window_attention(q, k, v, attn.attention_biases[head], attn.attention_bias_idxs,
+                                                    window, attn.scale, backend="triton")
             feats_out.append(feat)
+            head += 1
         out = attn.proj(torch.cat(feats_out, dim=1))
         return out[:, :, :height, :width].contiguous() if (pad_b or pad_r) else out

@@ -72,8 +72,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=224, help="input side in pixels (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=14, help="number of labels (default: %(default)s)")
     parser.add_argument("--in-chans", type=int, default=1, help="input channels (default: %(default)s)")
-    parser.add_argument("--roi-mode", choices=mxa_kernels.ROI_MODES, default="crop",
-                        help="MXA ROI mode (default: %(default)s)")
+    parser.add_argument("--roi-mode", choices=mxa_kernels.ROI_MODES, default="align",
+                        help="MXA ROI mode (crop: the authors', whose ROI predictor never trains; "
+                             "default: %(default)s)")
     parser.add_argument("--fusion", choices=mxa_model.FUSIONS, default="sum",
                         help="how attention and MXA join (default: %(default)s)")
     parser.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None,
@@ -243,7 +244,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import BAD_DATA_HELP
 
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder")
+    p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder, or the folder holding it")
     p.add_argument("--split", default="valid", help="train, valid, or a CSV file (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--report-dir", default=None, help="write roc.png here")
@@ -268,7 +269,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript", help="(default: %(default)s)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript",
+                   help="onnx needs the onnx package; both take any batch size (default: %(default)s)")
 
 
 def _step_time_arguments(p: argparse.ArgumentParser) -> None:
@@ -326,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, FloatingPointError, CheckpointError,
-            mxa_kernels.BackendUnavailableError) as exc:
+    except (ValueError, TypeError, OSError, ModuleNotFoundError, FloatingPointError, CheckpointError,
+            mxa_kernels.BackendUnavailableError) as exc:  # ModuleNotFoundError: an optional package is missing
         # one line: an error raised in a data-loader worker arrives with the worker's traceback before it
         lines = [line for line in str(exc).splitlines() if line.strip()]
         print(f"mxa: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)

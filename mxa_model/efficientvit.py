@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from timm.layers import get_device_dtype, to_2tuple
-from timm.models import adapt_input_conv, build_model_with_cfg, load_state_dict
+from timm.models import adapt_input_conv, build_model_with_cfg, load_state_dict, resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.efficientvit_msra import (
     EfficientVitBlock,
@@ -55,7 +55,7 @@ class MXAEfficientVitBlock(EfficientVitBlock):
         window_resolution: int,
         kernels: Sequence[int],
         fusion: str = "sum",
-        roi_mode: str = "crop",
+        roi_mode: str = "align",
         mxa_reduction: int = 16,
         backend: str | None = None,
         device=None,
@@ -71,18 +71,20 @@ class MXAEfficientVitBlock(EfficientVitBlock):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
         self.fusion = fusion
         self.mxa = MedicalXRayAttention(dim, mxa_reduction, roi_mode=roi_mode, backend=backend, **dd)
-        if fusion == "gate":
-            self.alpha = nn.Parameter(torch.tensor(0.5, **dd))
+        # a None parameter in "sum" fusion: the attribute exists (TorchScript compiles both branches
+        # below) but stays out of the state_dict
+        self.register_parameter("alpha", nn.Parameter(torch.tensor(0.5, **dd)) if fusion == "gate" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ffn0(self.dw0(x))
         # timm's ResidualDrop around the attention is bypassed to form the three-way sum; timm never
         # gives it a drop rate, and MXAEfficientVit does not either.
         attn, local = self.mixer.m(x), self.mxa(x)
-        if self.fusion == "sum":
+        alpha = self.alpha
+        if alpha is None:
             x = x + attn + local
         else:
-            s = torch.sigmoid(self.alpha)
+            s = torch.sigmoid(alpha)
             x = x + s * attn + (1 - s) * local
         return self.ffn1(self.dw1(x))
 
@@ -91,7 +93,8 @@ class MXAEfficientVit(EfficientVitMsra):
     """EfficientViT (MSRA) with MXA in every attention block, for multi-label chest X-ray classification.
 
     Args (beyond timm's ``EfficientVitMsra``):
-        roi_mode: MXA ROI mode, ``"crop"`` (the authors') or ``"align"`` (differentiable).
+        roi_mode: MXA ROI mode, ``"align"`` (differentiable, the default) or ``"crop"`` (the authors',
+            whose ROI predictor never trains).
         fusion: how attention and MXA join, ``"sum"`` or ``"gate"`` (see :class:`MXAEfficientVitBlock`).
         mxa_reduction: channel-attention reduction of the MXA branches.
         distilled: add a second (distillation) head, DeiT-style: in training the forward returns
@@ -106,7 +109,7 @@ class MXAEfficientVit(EfficientVitMsra):
         img_size: int | tuple[int, int] = 224,
         in_chans: int = 1,
         num_classes: int = 14,
-        roi_mode: str = "crop",
+        roi_mode: str = "align",
         fusion: str = "sum",
         mxa_reduction: int = 16,
         distilled: bool = False,
@@ -159,6 +162,11 @@ class MXAEfficientVit(EfficientVitMsra):
             self.input_hw = to_2tuple(img_size)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's, except that a classifier put back on a model whose pooling was removed
+        (``global_pool=""``) brings average pooling back with it instead of failing: the heads
+        (BatchNorm1d, Linear) need pooled features."""
+        if global_pool is None and num_classes > 0 and not self.global_pool.pool_type:
+            global_pool = "avg"
         super().reset_classifier(num_classes, global_pool)
         if self.head_dist is not None:
             self.head_dist = self._new_head_dist()
@@ -170,10 +178,9 @@ class MXAEfficientVit(EfficientVitMsra):
         return NormLinear(self.head_hidden_size, self.num_classes, drop=self.drop_rate, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a tensor of images, got {type(x).__name__}")
+        """One-line errors for inputs the model cannot take (written in TorchScript's subset)."""
         if x.dim() != 4:
-            raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected a batch of images (B, C, H, W), got shape {list(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (B = 0)")
         if x.shape[1] != self.in_chans:
@@ -181,8 +188,8 @@ class MXAEfficientVit(EfficientVitMsra):
                              f"got {x.shape[1]} channels")
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point images, got {x.dtype}")
-        if tuple(x.shape[2:]) != self.input_hw:
-            h, w = self.input_hw
+        h, w = self.input_hw
+        if x.shape[2] != h or x.shape[3] != w:
             raise ValueError(f"the model was built for {h}x{w} images, got {x.shape[2]}x{x.shape[3]}: "
                              f"resize the images, or build the model with img_size=({x.shape[2]}, {x.shape[3]}) "
                              f"or call model.set_input_size(({x.shape[2]}, {x.shape[3]}))")
@@ -190,12 +197,23 @@ class MXAEfficientVit(EfficientVitMsra):
         if x.device != weight.device:
             raise ValueError(f"the images are on {x.device} but the model is on {weight.device}")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_images(self, x) -> None:
+        """Check ``x`` when it holds values: FX tracing passes a ``Proxy``, whose shape is symbolic."""
+        if isinstance(x, torch.fx.Proxy):
+            return
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor of images, got {type(x).__name__}")
         self._check_input(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # timm's forward_features without super(), which TorchScript lacks
+            self._check_input(x)
+            return self.stages(self.patch_embed(x))
+        self._check_images(x)
         return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        self._check_input(x)
+        self._check_images(x)
         return super().forward_intermediates(x, *args, **kwargs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
@@ -203,11 +221,14 @@ class MXAEfficientVit(EfficientVitMsra):
         if pre_logits:
             return x
         logits = self.head(x)
-        if self.head_dist is None or self.num_classes == 0:
+        if self.head_dist is None:
+            return logits
+        if self.num_classes == 0:
             return logits
         dist_logits = self.head_dist(x)
-        if self.training:
-            return logits, dist_logits
+        if not torch.jit.is_scripting():  # a scripted model serves inference: one output, the average
+            if self.training:
+                return logits, dist_logits
         return (logits + dist_logits) / 2
 
 
@@ -301,16 +322,25 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 def _create(variant: str, pretrained: bool = False, pretrained_file: str | None = None, **kwargs) -> MXAEfficientVit:
     if pretrained:
-        raise ValueError(f"no pretrained weights are published for {variant}; pass pretrained_file=PATH "
-                         "(a timm efficientvit_m* or project checkpoint)")
+        # timm passes the weights' source in pretrained_cfg for "local-dir:DIR" and "hf-hub:ID" names
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.source in ("local-dir", "hf-hub") or cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise ValueError(f"no pretrained weights are published for {variant}; pass pretrained_file=PATH "
+                             "(a timm efficientvit_m* or project checkpoint), or load a model saved with "
+                             "timm.models.save_for_hf by the name 'local-dir:DIR' or 'hf-hub:ID'")
+        pretrained_file = None  # the saved weights replace all (its saved arguments may still name the file)
     out_indices = kwargs.pop("out_indices", (0, 1, 2))
     model = build_model_with_cfg(
-        MXAEfficientVit, variant, pretrained=False,
+        MXAEfficientVit, variant, pretrained=pretrained,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **dict(VARIANTS[variant], **kwargs),
     )
     if pretrained_file is not None:
         load_pretrained_file(model, pretrained_file)
+    if isinstance(model, MXAEfficientVit):  # not a features_only wrapper
+        # timm's create_model records the arguments it was given (save_for_hf writes them); the block's
+        # design is recorded even when left at its default, so that a saved model keeps it if a default changes
+        model._model_args = {"roi_mode": model.mxa_modules()[0].roi_mode, "fusion": model.stages[0].blocks[0].fusion}
     return model
 
 

@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import CheXpertDataset, eval_transform, load_image
+from .data.chexpert import find_data_dir
 from .data.labels import FINDINGS_FILE
+from .data.transforms import eval_crop
 from .inference import EVAL_POLICY, predict_loader
 from .metrics import auc_report, box_iou, plot_roc
 from .train import distributed
@@ -47,8 +49,8 @@ def read_findings(data_dir: str | Path) -> dict[str, list[tuple[str, tuple[float
 
 def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size: int = 32) -> dict:
     """Mean over the images with planted findings of the best IoU between a block's sampled box and any
-    planted box (image coordinates normalized by the image size), per MXA block; and the same for the
-    whole image, the box a crop that never moved samples."""
+    planted box (coordinates normalized to the centre square that :func:`eval_transform` keeps), per MXA
+    block; and the same for the whole image, the box a crop that never moved samples."""
     with_findings = [i for i, r in enumerate(dataset.records) if r.csv_path in findings]
     if not with_findings:
         return {}
@@ -59,8 +61,11 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
         boxes = sampled_boxes(model, images)  # (blocks, B, 4)
         for j, i in enumerate(chunk):
             record = dataset.records[i]
-            height, width = load_image(record.path).shape[-2:]
-            planted = [(b[0] / width, b[1] / height, b[2] / width, b[3] / height) for _, b in findings[record.csv_path]]
+            left, top, side = eval_crop(*load_image(record.path).shape[-2:])  # the part of the image the model saw
+            # each planted box's part inside that square; a box wholly outside it still counts (IoU 0)
+            planted = [tuple(min(max(v, 0.0), 1.0) for v in ((b[0] - left) / side, (b[1] - top) / side,
+                                                              (b[2] - left) / side, (b[3] - top) / side))
+                       for _, b in findings[record.csv_path]]
             per_block.append([max(box_iou(box.tolist(), p) for p in planted) for box in boxes[:, j]])
             whole.append(max(box_iou((0.0, 0.0, 1.0, 1.0), p) for p in planted))
     blocks = torch.tensor(per_block).mean(dim=0).tolist()
@@ -71,9 +76,11 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", json_path: str | Path | None = None,
              report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 2, device: str | None = None,
              backend: str | None = None, progress: bool = True, on_bad_data: str = "raise") -> dict:
-    """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``.
+    """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``, the
+    data set folder or the folder holding it (:func:`~mxa_model.data.chexpert.find_data_dir`).
     ``on_bad_data="skip"`` checks every image first and leaves out (and lists in ``skipped``) the
     malformed CSV rows and unreadable images instead of stopping at the first."""
+    data = find_data_dir(data, [split])  # before anything loads: a --data without the CSV fails at once
     model, state = model_from_checkpoint(checkpoint)
     config = state.get("config", {})
     img_size = config.get("img_size", 224)

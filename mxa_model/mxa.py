@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 import mxa_kernels
 
 
+@register_notrace_module  # FX keeps the branch whole: its backend dispatch and crop mode's no_grad are Python
 class MedicalXRayAttention(nn.Module):
     """MXA local-detail branch: ROI predictor -> ROI resample -> channel attention -> spatial attention.
 
@@ -16,12 +18,13 @@ class MedicalXRayAttention(nn.Module):
     ``spatial_attention.0``), so their ``state_dict`` keys match. Everything after the ROI predictor
     runs as one op, :func:`mxa_kernels.mxa_branch`, served by the kernel backend switch: the pooling,
     activation and sigmoid layers of ``channel_attention`` / ``spatial_attention`` are kept for that
-    layout and for reading, and the op applies the same functions.
+    layout and for reading, and the op applies the same functions. Under TorchScript the op's eager
+    reference runs; FX tracing keeps the module whole (a leaf, as timm registers its own such modules).
 
     Args:
         in_channels: C.
         reduction: channel-attention reduction; its hidden width is ``max(1, C // reduction)``.
-        roi_mode: ``"crop"`` or ``"align"``.
+        roi_mode: ``"align"`` (the default) or ``"crop"``.
 
             - ``"crop"`` reproduces the authors' semantics: the predicted ``(x1, y1, x2, y2)`` in (0, 1)
               are truncated to pixels, clamped, replaced by the whole map when empty, and the crop is
@@ -44,7 +47,7 @@ class MedicalXRayAttention(nn.Module):
         self,
         in_channels: int,
         reduction: int = 16,
-        roi_mode: str = "crop",
+        roi_mode: str = "align",
         min_box_size: float = 0.25,
         backend: str | None = None,
         device=None,
@@ -94,7 +97,7 @@ class MedicalXRayAttention(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f"MedicalXRayAttention expects (B, C, H, W) features, got shape {tuple(x.shape)}")
+            raise ValueError(f"MedicalXRayAttention expects (B, C, H, W) features, got shape {list(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"MedicalXRayAttention was built for {self.in_channels} channels, got {x.shape[1]}")
         if x.shape[0] == 0:
@@ -110,7 +113,8 @@ class MedicalXRayAttention(nn.Module):
         if self.roi_mode == "crop":
             with torch.no_grad():
                 return self.roi_predictor(x).mean(dim=(2, 3))
-        a1, b1, a2, b2 = self.roi_predictor(x).mean(dim=(2, 3)).unbind(dim=1)
+        predicted = self.roi_predictor(x).mean(dim=(2, 3))
+        a1, b1, a2, b2 = predicted[:, 0], predicted[:, 1], predicted[:, 2], predicted[:, 3]
         m = self.min_box_size
         x1, x2 = torch.minimum(a1, a2) * (1 - m), m + torch.maximum(a1, a2) * (1 - m)
         y1, y2 = torch.minimum(b1, b2) * (1 - m), m + torch.maximum(b1, b2) * (1 - m)
@@ -129,6 +133,10 @@ class MedicalXRayAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         boxes = self.roi_boxes(x)
+        if torch.jit.is_scripting():  # TorchScript cannot call the Python backend dispatch
+            return mxa_kernels.mxa_branch_ref(x, boxes, self.channel_attention[1].weight,
+                                              self.channel_attention[3].weight, self.spatial_attention[0].weight,
+                                              self.roi_mode)
         return mxa_kernels.mxa_branch(
             x,
             boxes,

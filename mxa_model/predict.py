@@ -3,6 +3,7 @@ and a class-activation heatmap (Grad-CAM, see :func:`grad_cam`), and export to T
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def export(checkpoint: str | Path, output: str | Path, fmt: str = "torchscript")
     """Export the model (eager kernels, eval mode, one (1, 1, S, S) input) to TorchScript or ONNX."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    # without onnx, torch's exporter raises a RuntimeError that names no remedy
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ModuleNotFoundError("ONNX export needs the onnx package (pip install onnx)")
     model, state = model_from_checkpoint(checkpoint)
     if hasattr(model, "set_backend"):
         model.set_backend("eager")
@@ -124,11 +128,10 @@ def export(checkpoint: str | Path, output: str | Path, fmt: str = "torchscript")
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(model, example), str(output))
         else:
-            try:
-                torch.onnx.export(model, (example,), str(output), input_names=["image"], output_names=["logits"],
-                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-            except ModuleNotFoundError as exc:
-                raise ModuleNotFoundError(f"ONNX export needs the onnx package (pip install onnx): {exc}") from exc
+            # the TorchScript-based exporter: torch.export's (dynamo=True) took 15-25 s instead of 4 s for M0
+            # at 64 px, and fixes a batch-1 example's batch axis at 1 (torch 2.14)
+            torch.onnx.export(model, (example,), str(output), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return output
 
 

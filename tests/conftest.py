@@ -1,4 +1,6 @@
 import os
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,30 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def _git_status(root: Path) -> set[str] | None:
+    """``git status --porcelain`` lines of the checkout at ``root`` (untracked files one by one), or None
+    when git is missing or ``root`` is not a git checkout (an unpacked sdist)."""
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _source_tree_untouched():
+    """The tests write only under temporary folders: a path of the checkout whose ``git status`` line is
+    new at the end of the session (a file created, changed or deleted; ignored files aside) fails it."""
+    root = Path(__file__).parents[1]
+    before = _git_status(root)
+    yield
+    after = _git_status(root) if before is not None else None
+    if after is not None and after - before:
+        pytest.fail("the tests changed the source tree (git status --porcelain):\n"
+                    + "\n".join(sorted(after - before)), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

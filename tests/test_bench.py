@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mxa_kernels
-from mxa_bench import arguments, preflight, runner
+from mxa_bench import preflight, runner
 from mxa_bench.cases import (Case, Workload, authors_mxa_branch, build_cascaded_attention_block, build_window_attention,
                               sdpa_window_attention)
 from mxa_bench.suites import BLOCK_MODES, FULL, KERNEL_MODES, KEY_RATIOS, SMOKE
@@ -23,6 +23,7 @@ from mxa_model.cascaded_attention import FusedLocalWindowAttention
 from mxa_model.efficientvit import MXAEfficientVit
 
 REQUIRED = {"case", "provider", "mode", "shape", "dtype", "median_ms", "device", "commit"}
+COMMITTED = Path(__file__).parents[1] / "bench" / "results"  # the records a person chose to commit
 SMOKE_RATIOS = {r.name: r for r in KEY_RATIOS["smoke"]}
 
 
@@ -132,8 +133,7 @@ def _blas_twice_as_slow(ratios: dict[str, float]) -> dict[str, float]:
 def test_the_limits_hold_on_other_processors(tmp_path, capsys, machine):
     """The current code's figures from other CPUs, and one with a BLAS twice as slow, pass the limits."""
     if machine == "x86-64 2026-11-27":  # the run committed under results/, on the machine of the old baseline
-        ratios = runner.key_ratios(json.loads((Path(arguments.RESULTS_DIR) / "2026-11-27_cpu_smoke.json").read_text()),
-                                   "smoke")
+        ratios = runner.key_ratios(json.loads((COMMITTED / "2026-11-27_cpu_smoke.json").read_text()), "smoke")
         assert set(ratios) == set(EPYC_SLOWEST)
     else:
         ratios = EPYC_SLOWEST if machine == "EPYC slowest" else _blas_twice_as_slow(EPYC_SLOWEST)
@@ -194,6 +194,31 @@ def test_time_budget_stops_starting_cases(tmp_path, capsys):
                      "--time-budget", "0", "--json", str(out)]) == 0
     assert "1 case(s) not run: window_attention" in capsys.readouterr().out
     assert {r["case"] for r in json.loads(out.read_text())} == {"mxa_branch_align"}
+
+
+def _tree(checkout: Path, package: Path) -> dict[Path, tuple[int, int] | None]:
+    """Size and modification time of every file under ``package`` (bytecode caches left out) and at the top
+    of ``checkout``, and the folders there."""
+    paths = [*(p for p in package.rglob("*") if "__pycache__" not in p.parts), *checkout.iterdir()]
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in paths}
+
+
+def test_records_are_appended_in_the_current_directory_and_nowhere_in_the_package(tmp_path, monkeypatch):
+    """Without --results-dir a run appends its records to DEVICE_SUITE.jsonl in the current directory, and
+    writes nothing into the package's folder (bench/ of the checkout, or the installation) or the checkout's
+    top level."""
+    checkout, package = Path(__file__).parents[1], Path(runner.__file__).parent
+    before = _tree(checkout, package)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--cases", "mxa_branch_align", "--providers", "eager", "--repeats", "1",
+                     "--json", "run.json"]) == 0
+    after = _tree(checkout, package)
+    assert [str(p) for p in before.keys() | after.keys() if before.get(p, "new") != after.get(p, "gone")] == []
+    (history,) = tmp_path.glob("*_smoke.jsonl")
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    assert records == json.loads((tmp_path / "run.json").read_text())
+    assert [(r["case"], r["provider"], r["mode"]) for r in records] == [
+        ("mxa_branch_align", "eager", mode) for mode in KERNEL_MODES]
 
 
 def test_a_ratio_missing_from_the_run_fails_the_check(tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mxa_kernels
+from helpers import rel_err
 from mxa_model import cli
 from mxa_model.data import LABELS
 from mxa_model.pipeline import DemoConfig
@@ -87,6 +88,35 @@ def test_predict_and_export(run, capsys):
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(root / "model.pt")]) == 0
     exported = torch.jit.load(str(root / "model.pt"))
     assert exported(torch.randn(2, 1, 64, 64)).shape == (2, 14)
+
+
+def test_onnx_export_runs_in_onnxruntime_as_the_eager_model(run, tmp_path):
+    """`mxa export --format onnx`, run by ONNX Runtime at another batch size than the export's example,
+    gives the eager model's logits (fp32)."""
+    import onnxruntime
+
+    from mxa_model.train.checkpoint import model_from_checkpoint
+
+    checkpoint = run[1]
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--format", "onnx",
+                     "--output", str(tmp_path / "model.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 1, 64, 64)
+    (got,) = session.run(["logits"], {"image": images.numpy()})
+    model, _ = model_from_checkpoint(checkpoint)
+    model.set_backend("eager")
+    with torch.no_grad():
+        want = model.eval()(images)
+    assert got.shape == (3, 14) and rel_err(torch.from_numpy(got), want) < 1e-5
+
+
+def test_onnx_export_without_onnx_says_what_to_install(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if onnx were not installed
+    assert cli.main(["export", "--checkpoint", str(run[1]), "--format", "onnx",
+                     "--output", str(tmp_path / "model.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mxa: error: ONNX export needs the onnx package (pip install onnx)") and err.count("\n") == 1
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_errors_are_one_line_without_traceback(run, capsys, tmp_path):

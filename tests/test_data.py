@@ -1,5 +1,6 @@
 """The data pipeline: CheXpert CSV reading, uncertainty policies, splits, Dataset, images, transforms."""
 
+import csv
 import io
 import math
 import pickle
@@ -16,8 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 
+from mxa_bench.csv_read import chexpert_like_csv
+from mxa_model import cli
 from mxa_model.data.chexpert import (CheXpertDataset, DataFormatError, UncertaintyPolicy, filter_views,
-                                     patient_split, read_csv, resolve_path, write_csv)
+                                     find_data_dir, patient_split, read_csv, resolve_path, write_csv)
 from mxa_model.data.images import ImageReadError, load_image
 from mxa_model.data.labels import COLUMNS, DATASET_FOLDER, LABELS
 from mxa_model.data.transforms import MEAN, STD, eval_transform, train_transform
@@ -103,6 +106,106 @@ def test_resolve_path(tmp_path):
     for cell in ("../secret/a.jpg", f"{FOLDER}/../../a.jpg", "/etc/passwd", "C:\\data\\a.jpg", "a\\..\\..\\b.jpg"):
         with pytest.raises(ValueError, match="escapes the data folder"):
             resolve_path(cell, root)
+
+
+def test_absolute_and_backslash_paths_inside_the_data_folder(tmp_path):
+    root = tmp_path / FOLDER
+    root.mkdir()
+    inside = root / "train/patient00001/study1/view1_frontal.jpg"
+    assert resolve_path(str(inside), root) == inside
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    assert resolve_path(str(inside), link) == inside  # the folder given through a link, the CSV naming its target
+    assert resolve_path(f"{FOLDER}\\train\\patient00001\\study1\\view1_frontal.jpg", root) == inside
+    for cell in (str(tmp_path / "Other/a.jpg"), f"{root}/../{FOLDER}/a.jpg", "..\\a.jpg"):
+        with pytest.raises(ValueError, match="escapes the data folder"):
+            resolve_path(cell, root)
+    absolute, windows = cells(1), cells(2)
+    absolute[0] = str(inside)
+    windows[0] = windows[0].replace("/", "\\")
+    records = read_csv(write_rows(root / "train.csv", [absolute, windows])).records
+    assert [(r.path, r.patient, r.study, r.csv_path) for r in records] == [
+        (inside, "patient00001", "study1", absolute[0]),
+        (root / "train/patient00002/study1/view1_frontal.jpg", "patient00002", "study1", windows[0])]
+
+
+def test_read_csv_matches_an_independent_parse(tmp_path):
+    root = tmp_path / FOLDER
+    root.mkdir()
+    csv_path = chexpert_like_csv(root / "train.csv", 300, seed=1)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    records = read_csv(csv_path).records
+    assert len(records) == len(rows) == 300
+    for record, row in zip(records, rows):
+        _, split, patient, study, name = row["Path"].split("/")
+        assert (record.path, record.csv_path, record.patient, record.study, record.sex, record.age, record.view,
+                record.projection) == (root / split / patient / study / name, row["Path"], patient, study, row["Sex"],
+                                       int(row["Age"]) if row["Age"] else None, row["Frontal/Lateral"], row["AP/PA"])
+    label_cells = np.array([[row[label] for label in LABELS] for row in rows])
+    values = {"": math.nan, "1.0": 1.0, "0.0": 0.0, "-1.0": -1.0}
+    np.testing.assert_array_equal([r.labels for r in records], np.vectorize(values.get)(label_cells))  # NaN = NaN
+    # the targets and masks of every policy that draws nothing, from the cells
+    for name in ("ignore", "zeros", "ones"):
+        for blank in ("zeros", "ignore"):
+            policy = UncertaintyPolicy.parse(name, blank=blank)
+            target, mask = CheXpertDataset(None, records=records, views=None, policy=policy).targets()
+            uncertain, left_out = label_cells == "-1.0", label_cells == ""
+            want_target = (label_cells == "1.0") | (uncertain & (name == "ones"))
+            want_mask = ~((uncertain & (name == "ignore")) | (left_out & (blank == "ignore")))
+            assert torch.equal(target, torch.from_numpy(want_target).float()), (name, blank)
+            assert torch.equal(mask, torch.from_numpy(want_mask).float()), (name, blank)
+
+
+def test_data_folder_may_be_the_folder_holding_it(tmp_path):
+    inner = tmp_path / FOLDER
+    inner.mkdir()
+    for split in ("train", "valid"):
+        write_rows(inner / f"{split}.csv", [cells()])
+    assert find_data_dir(tmp_path) == inner and find_data_dir(inner) == inner
+    assert find_data_dir(tmp_path, ["valid"]) == inner
+    mine = write_rows(tmp_path / "mine.csv", [cells()])
+    assert find_data_dir(inner, [mine]) == inner
+    assert find_data_dir(tmp_path, [mine]) == inner  # its paths start with the data set folder's name
+    with pytest.raises(FileNotFoundError, match=r"nothing\.csv: no such CSV file"):
+        find_data_dir(inner, [tmp_path / "nothing.csv"])
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'nowhere'}: no such folder; "):
+        find_data_dir(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=rf"^{mine}: not a folder; "):
+        find_data_dir(mine)
+
+
+def test_train_checks_both_csvs_before_parsing_or_making_its_output(tmp_path, capsys):
+    output = tmp_path / "run"
+    unrelated = tmp_path / "datasets"
+    unrelated.mkdir()
+    inner = tmp_path / "above" / FOLDER
+    inner.mkdir(parents=True)
+    (inner / "train.csv").write_bytes(b"\xff\xfe not a CSV")  # parsing it fails: the checks come first
+    expected = (f"the data folder (--data) must be the {FOLDER} folder holding train.csv and valid.csv, "
+                "or the folder holding it")
+    for data, culprit in ((unrelated, f"{unrelated}: no train.csv or valid.csv there"),
+                          (inner.parent, f"{inner}: no valid.csv there")):
+        assert cli.main(["train", "--data", str(data), "--output", str(output), "--quiet"]) == 1
+        assert capsys.readouterr().err == f"mxa: error: {culprit}; {expected}\n"
+        assert not output.exists()
+    write_rows(inner / "valid.csv", [cells()])
+    assert cli.main(["train", "--data", str(inner.parent), "--output", str(output), "--quiet"]) == 1
+    printed = capsys.readouterr()
+    assert f"using {inner}, the {FOLDER} folder inside --data {inner.parent}\n" in printed.out
+    assert f"{inner / 'train.csv'}: row " in printed.err and "unreadable CSV" in printed.err
+
+
+def test_eval_checks_its_split_csv_before_loading_anything(tmp_path, capsys):
+    inner = tmp_path / FOLDER
+    inner.mkdir()
+    write_rows(inner / "train.csv", [cells()])
+    checkpoint = tmp_path / "none.pt"  # missing too: the data is checked first
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path), "--split", "valid"]) == 1
+    assert f"{inner}: no valid.csv there" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path), "--split", "train"]) == 1
+    printed = capsys.readouterr()
+    assert f"using {inner}" in printed.out and str(checkpoint) in printed.err
 
 
 def test_path_escaping_is_a_row_error(tmp_path):
@@ -396,13 +499,21 @@ def test_unreadable_images(tmp_path):
     assert (error.path, error.reason, str(error)) == (tmp_path / "x.png", "bad", f"{tmp_path / 'x.png'}: bad")
 
 
+RADIOGRAPH = pydicom.data.get_testdata_file("RG1_UNCR.dcm", download=False)  # MONOCHROME1, 15 bits, a window
+
+
+def linear_window(values, center, width):
+    """The DICOM LINEAR window function (PS3.3 C.11.2.1.2.1) onto [0, 1], written out here."""
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
 def test_load_dicom_radiograph_monochrome1():
-    path = pydicom.data.get_testdata_file("RG1_UNCR.dcm", download=False)
-    raw = pydicom.dcmread(path).pixel_array.astype(np.float64)
-    image = load_image(path)
+    raw = pydicom.dcmread(RADIOGRAPH).pixel_array.astype(np.float64)
+    image = load_image(RADIOGRAPH)
     assert image.shape == (1, 1955, 1841) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
-    np.testing.assert_allclose(image[0].numpy(), 1.0 - raw / (2**15 - 1), atol=1e-6)  # MONOCHROME1: inverted
+    # the file's window (center 15000, width 30000), then MONOCHROME1's inversion
+    np.testing.assert_allclose(image[0].numpy(), 1.0 - linear_window(raw, 15000, 30000), atol=1e-6)
     # as on any chest film, the lungs are dark and the spine and mediastinum bright
     h, w = image.shape[1:]
     chest = image[0, int(0.2 * h):int(0.7 * h)]
@@ -430,6 +541,23 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, pixel_d
     return path
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_window_saturates_outside_it(tmp_path, photometric):
+    raw = pydicom.dcmread(RADIOGRAPH).pixel_array[::8, ::8]  # the radiograph's values, at a fast size
+    center, width = int(np.median(raw)), 2000
+    path = write_dicom(tmp_path / "narrow.dcm", raw, photometric, bits_stored=15, WindowCenter=center,
+                       WindowWidth=width)
+    image = load_image(path)[0].numpy()
+    below, above = raw <= center - 1000, raw > center + 1000
+    assert below.mean() > 0.2 and above.mean() > 0.2  # a narrow window: many pixels lie outside it
+    expected = linear_window(raw.astype(np.float64), center, width)
+    dark, bright = 0.0, 1.0
+    if photometric == "MONOCHROME1":  # inverted over the window's output range
+        expected, dark, bright = 1.0 - expected, 1.0, 0.0
+    assert (image[below] == dark).all() and (image[above] == bright).all()
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
 def test_load_synthetic_dicom(tmp_path, monkeypatch):
     pixels = np.array([[0, 4095, 1000], [2000, 3000, 17]], dtype=np.uint16)
     expected = torch.tensor(pixels / 4095.0, dtype=torch.float32)[None]
@@ -437,6 +565,9 @@ def test_load_synthetic_dicom(tmp_path, monkeypatch):
     # found by its DICM magic, whatever the name; a negative rescale slope inverts
     assert torch.allclose(load_image(write_dicom(tmp_path / "b.img", pixels, RescaleSlope=-1, RescaleIntercept=4095)),
                           1 - expected)
+    # empty rescale elements: no rescale
+    assert torch.allclose(load_image(write_dicom(tmp_path / "c.dcm", pixels, RescaleSlope=None, RescaleIntercept=None)),
+                          expected)
     # values beyond BitsStored (which pydicom 2 leaves as stored): scaled by the image's own range
     monkeypatch.setattr(DicomDataset, "pixel_array", property(lambda ds: pixels.astype(np.int32) * 8 - 100))
     assert torch.allclose(load_image(tmp_path / "a.dcm"), expected)
@@ -453,6 +584,16 @@ def test_load_synthetic_dicom(tmp_path, monkeypatch):
 
 
 # -- transforms ------------------------------------------------------------------------------------
+
+
+def test_eval_transform_keeps_the_aspect_ratio():
+    image = torch.zeros(1, 390, 320)  # CheXpert's shape: 320 wide, 390 high
+    image[:, 115:275, 80:240] = 1.0  # a 160-pixel square at the centre
+    out = eval_transform(64)(image)[0] * STD + MEAN
+    rows, columns = (out > 0.5).nonzero(as_tuple=True)
+    # the centre 320 x 320 at 1/5 scale: a 32-pixel square, still centred
+    assert out.shape == (64, 64)
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (16, 47, 16, 47)
 
 
 def test_transforms_shape_dtype_and_determinism():

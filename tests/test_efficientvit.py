@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import timm
 import torch
@@ -228,3 +230,77 @@ def test_nan_input_gives_nan_output_without_crashing():
     x[0, 0, 10, 10] = float("nan")
     out = model(x)
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def _randomize(model):
+    """Random weights and BatchNorm statistics, so that every path and every folded statistic counts."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.2 + (0.9 if tensor.dim() <= 1 else -0.1))
+    return model
+
+
+def test_every_parameter_gets_a_gradient_with_the_default_roi_mode():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64)
+    assert {m.roi_mode for m in model.mxa_modules()} == {"align"}
+    model(torch.randn(2, 1, 64, 64)).mean().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(roi_mode="crop", fusion="gate", distilled=True)])
+def test_torchscript_runs_the_eager_references_and_matches_the_model(kwargs):
+    """The scripted model (the whole-map cascade and the MXA branch with the ops' eager references)
+    against the model (timm's windowed attention): 160x128 pads stage 1's 10x8 map to 2x2 windows."""
+    with timm.layers.set_scriptable(True):
+        model = _randomize(mxa_model.create_model("mxa_efficientvit_m0", img_size=(160, 128), **kwargs)).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 1, 160, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="built for 160x128 images, got 128x128"):
+        scripted(torch.randn(2, 1, 128, 128))
+
+
+def test_fx_feature_extraction_keeps_the_fused_modules_whole():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from timm.models import get_notrace_modules
+
+    model = _randomize(mxa_model.create_model("mxa_efficientvit_m0", img_size=64))
+    extractor = create_feature_extractor(model, return_nodes={"stages.2": "features", "head": "logits"},
+                                         tracer_kwargs=dict(leaf_modules=get_notrace_modules()))
+    called = {node.target for node in extractor.graph.nodes if node.op == "call_module"}
+    assert "stages.0.blocks.0.mxa" in called and "stages.0.blocks.0.mixer.m" in called
+    x = torch.randn(2, 1, 64, 64)
+    out = extractor(x)
+    torch.testing.assert_close(out["features"], model.forward_features(x))
+    torch.testing.assert_close(out["logits"], model(x))
+    out["logits"].mean().backward()
+    assert [name for name, p in extractor.named_parameters() if p.grad is None] == []
+
+
+def test_hugging_face_format_round_trip(tmp_path):
+    from timm.models import save_for_hf
+
+    for n, kwargs in enumerate([{}, dict(roi_mode="crop", fusion="gate", distilled=True, num_classes=5,
+                                         img_size=(96, 64))]):
+        model = _randomize(mxa_model.create_model("mxa_efficientvit_m0", **kwargs)).eval()
+        save_for_hf(model, tmp_path / str(n))
+        saved_args = json.loads((tmp_path / str(n) / "config.json").read_text())["model_args"]
+        assert saved_args["roi_mode"] == kwargs.get("roi_mode", "align")  # recorded even when left at its default
+        loaded = timm.create_model(f"local-dir:{tmp_path / str(n)}", pretrained=True).eval()
+        x = torch.randn(2, 1, *model.input_hw)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        assert {m.roi_mode for m in loaded.mxa_modules()} == {kwargs.get("roi_mode", "align")}
+    with pytest.raises(ValueError, match="no pretrained weights are published.*local-dir:DIR"):
+        timm.create_model("mxa_efficientvit_m0", pretrained=True)
+
+
+def test_a_classifier_put_back_after_the_pooling_was_removed_brings_the_pooling_back():
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, num_classes=0, global_pool="")
+    x = torch.randn(2, 1, 64, 64)
+    assert model(x).shape == (2, model.num_features, 1, 1)
+    model.reset_classifier(3)
+    assert model.global_pool.pool_type == "avg" and model(x).shape == (2, 3)

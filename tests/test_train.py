@@ -2,9 +2,11 @@
 an interrupted run resumed from its checkpoint equal to an uninterrupted one, and DistributedDataParallel
 with two gloo processes whose metrics count every validation image once."""
 
+import csv
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,17 +34,28 @@ def config(data, output, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_supervised_run_writes_checkpoints_and_log(data, tmp_path):
+def log_epochs(output) -> list[int]:
+    """The epoch column of ``output``'s log.csv."""
+    with (output / "log.csv").open(newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def console_epochs(printed: str) -> list[int]:
+    """The N of each "epoch N/EPOCHS: ..." line the trainer printed."""
+    return [int(n) for n in re.findall(r"^epoch (\d+)/\d+: ", printed, flags=re.MULTILINE)]
+
+
+def test_supervised_run_writes_checkpoints_and_log(data, tmp_path, capsys):
     summary = train(config(data, tmp_path))
     assert {p.name for p in tmp_path.iterdir()} >= {"last.pt", "best.pt", "log.csv", "summary.json"}
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1 and state["step"] == 6 and state["model_ema"] is not None
-    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 3
+    assert log_epochs(tmp_path) == console_epochs(capsys.readouterr().out) == [1, 2]  # one numbering, from 1
     assert summary["valid"]["n_samples"] == N_VALID
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole"
     train(config(data, whole))
     # the same run, killed in the middle of its second epoch, then resumed
@@ -59,13 +72,21 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path,
         train(config(data, broken))
     monkeypatch.undo()
     assert ckpt.load_checkpoint(broken / "last.pt")["epoch"] == 0
+    capsys.readouterr()
     train(config(data, broken, resume=True))
+    assert console_epochs(capsys.readouterr().out) == [2]
     want, got = ckpt.load_checkpoint(whole / "last.pt"), ckpt.load_checkpoint(broken / "last.pt")
     for part in ("model", "model_ema"):
         for key, value in want[part].items():
             assert torch.equal(got[part][key], value), f"{part} {key}"
     assert got["optimizer"]["state"][0]["step"] == want["optimizer"]["state"][0]["step"]
-    assert (broken / "log.csv").read_text() != "" and len((broken / "log.csv").read_text().splitlines()) == 3
+    assert log_epochs(broken) == [1, 2]  # epoch 1's row kept, epoch 2's written once, by the resumed run
+
+
+def test_a_log_written_from_epoch_0_is_renumbered_on_resume(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,lr\n0,0.1\n1,0.2\n2,0.3\n")  # the third epoch's row, its checkpoint never written
+    assert [(row["epoch"], row["lr"]) for row in loop._read_log(path, 2)] == [("1", "0.1"), ("2", "0.2")]
 
 
 def test_resume_refuses_another_model_or_schedule(data, tmp_path):
@@ -99,19 +120,21 @@ def test_two_gloo_processes_count_every_validation_image_once(data, tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
-def test_tensorboard_gets_each_epochs_scalars_when_installed(data, tmp_path, monkeypatch):
-    calls = []
+def test_tensorboard_logs_each_epochs_scalars_as_log_csv_has_them(data, tmp_path):
+    """The event files under OUTPUT/tensorboard, read back by TensorBoard itself: each scalar once per epoch,
+    at log.csv's epoch number, with log.csv's value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
-        def add_scalar(self, key, value, step):
-            calls.append((key, step))
-
-        def close(self):
-            calls.append("closed")
-    monkeypatch.setattr(loop, "_tensorboard", lambda out: Writer())
     train(config(data, tmp_path, ema_decay=None, max_steps_per_epoch=1))
-    assert {("train_loss", 1), ("images_per_s", 1), ("train_loss", 2), ("images_per_s", 2)} <= set(calls[:-1])
-    assert calls[-1] == "closed"
+    with (tmp_path / "log.csv").open(newline="") as f:
+        log = list(csv.DictReader(f))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = ("train_loss", "auc_macro", "auc_micro", "images_per_s")
+    assert set(events.Tags()["scalars"]) == set(tags) and [int(row["epoch"]) for row in log] == [1, 2]
+    for tag in tags:  # TensorBoard keeps float32 values
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (int(row["epoch"]), pytest.approx(float(row[tag]), rel=1e-6)) for row in log], tag
 
 
 @pytest.mark.slow

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import math
+import operator
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,9 @@ SMOOTH_ZEROS = (0.0, 0.3)  # the range of the uniform draw of "smooth-zeros"
 SMOOTH_ONES = (0.55, 0.85)  # and of "smooth-ones"
 BLANK_POLICIES = ("zeros", "ignore")
 ON_ERROR = ("raise", "skip")
+SPLITS = ("train", "valid")  # the splits CheXpert keeps as train.csv and valid.csv in its folder
 _LABEL_CELLS = {POSITIVE, NEGATIVE, UNCERTAIN}
+_LABEL_CELL_VALUES = {"1.0": POSITIVE, "0.0": NEGATIVE, "-1.0": UNCERTAIN, "": math.nan}  # as CheXpert writes them
 _PATIENT_STUDY = re.compile(r"(?:^|/)(patient\d+)/(study\d+)/")
 
 
@@ -178,14 +181,17 @@ def _canonical(name: str, choices: Sequence[str], what: str) -> str:
 class Record:
     """One CSV row: an image and its metadata and labels.
 
-    ``path`` is the resolved image file, ``csv_path`` the Path cell as written; ``patient`` and
-    ``study`` come from the path (``patient00001``, ``study1``); ``age`` is None when blank;
-    ``view`` is ``"Frontal"`` or ``"Lateral"``, ``projection`` one of :data:`PROJECTIONS` or ``""``;
-    ``labels`` holds the 14 cells in :data:`LABELS` order as 1.0 / 0.0 / -1.0, NaN for blank;
-    ``row`` is the line number in the CSV (the header is row 1).
+    ``file`` is the resolved image file (:func:`resolve_path`) as a string, :attr:`path` the same
+    as a Path; ``csv_path`` is the Path cell as written; ``patient`` and ``study`` come from the path
+    (``patient00001``, ``study1``); ``age`` is None when blank; ``view`` is ``"Frontal"`` or
+    ``"Lateral"``, ``projection`` one of :data:`PROJECTIONS` or ``""``; ``labels`` holds the 14 cells
+    in :data:`LABELS` order as 1.0 / 0.0 / -1.0, NaN for blank; ``row`` is the line number in the CSV
+    (the header is row 1).
     """
 
-    path: Path
+    # a string, not a Path: building 223,414 Paths (and their garbage collector traversals) took half
+    # of read_csv's time on CheXpert's train.csv
+    file: str
     csv_path: str
     patient: str
     study: str
@@ -195,6 +201,10 @@ class Record:
     projection: str
     labels: tuple[float, ...]
     row: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
 
 
 def describe_skipped(skipped: Sequence[object]) -> str:
@@ -211,26 +221,79 @@ class ReadResult(NamedTuple):
     skipped: list[DataFormatError]
 
 
+def split_csv(data_dir: str | os.PathLike | None, split: str | os.PathLike) -> Path:
+    """The CSV of ``split``: ``data_dir/train.csv`` or ``data_dir/valid.csv`` for :data:`SPLITS`, else
+    ``split`` itself, the path of a CSV file."""
+    if split not in SPLITS:
+        return Path(split)
+    if data_dir is None:
+        raise ValueError(f"split {split!r} needs data_dir")
+    return Path(data_dir) / f"{split}.csv"
+
+
+def find_data_dir(data_dir: str | os.PathLike, splits: Sequence[str | os.PathLike] = SPLITS,
+                  say: Callable[[str], object] | None = print) -> Path:
+    """The data set folder that ``data_dir`` names, once the CSVs of ``splits`` (:func:`split_csv`) are
+    found to exist; it reads nothing, so that a command can check its data before it parses a CSV or
+    makes its output folder.
+
+    ``data_dir`` should be the ``CheXpert-v1.0-small`` folder; when it lacks the split CSVs but the
+    :data:`DATASET_FOLDER` folder inside it holds them (the folder above the data set was given), that
+    folder is returned, and ``say`` tells so. Otherwise FileNotFoundError, one line naming the folder
+    and the files expected.
+    """
+    data_dir = Path(data_dir)
+    for split in splits:
+        if split not in SPLITS and not Path(split).is_file():
+            raise FileNotFoundError(f"{split}: no such CSV file (a split is {' or '.join(SPLITS)} or a CSV file)")
+    wanted = [f"{split}.csv" for split in splits if split in SPLITS]
+    inside = data_dir / DATASET_FOLDER
+    if data_dir.is_dir() and all((data_dir / name).is_file() for name in wanted):
+        if wanted or not inside.is_dir():  # CSV splits only: their paths start with the inner folder's name
+            return data_dir
+    if inside.is_dir() and all((inside / name).is_file() for name in wanted):
+        if say is not None:
+            say(f"using {inside}, the {DATASET_FOLDER} folder inside --data {data_dir}")
+        return inside
+    # name the folder that was meant: the one inside when the given one holds none of the CSVs
+    meant = inside if inside.is_dir() and not any((data_dir / name).is_file() for name in wanted) else data_dir
+    missing = [name for name in wanted if not (meant / name).is_file()]
+    found = f"no {' or '.join(missing)} there" if meant.is_dir() else (
+        "not a folder" if meant.exists() else "no such folder")
+    raise FileNotFoundError(f"{meant}: {found}; the data folder (--data) must be the {DATASET_FOLDER} folder "
+                            f"holding {' and '.join(wanted) or 'the images'}, or the folder holding it")
+
+
 def resolve_path(cell: str, data_dir: str | os.PathLike) -> Path:
     """The image file that a Path cell names, given the data set folder ``data_dir``.
 
-    CheXpert paths start with the data set folder's name (``CheXpert-v1.0-small/train/...``): a
-    first component equal to ``data_dir``'s name (or to :data:`DATASET_FOLDER`, for a renamed copy)
-    is replaced by ``data_dir``; any other path is relative to ``data_dir``'s parent, the folder
-    holding the data set. Absolute paths (POSIX or Windows) and ``..`` raise ValueError: they would
-    leave the data.
+    Backslashes are separators too (a CSV written on Windows). CheXpert paths start with the data set
+    folder's name (``CheXpert-v1.0-small/train/...``): a first component equal to ``data_dir``'s name (or
+    to :data:`DATASET_FOLDER`, for a renamed copy) is replaced by ``data_dir``; any other relative path is
+    relative to ``data_dir``'s parent, the folder holding the data set. An absolute path is kept when it
+    lies inside ``data_dir`` (as given, or with its symbolic links resolved). ``..``, and absolute paths
+    (POSIX or Windows) elsewhere, raise ValueError: they would leave the data.
     """
-    data_dir = Path(data_dir)
-    relative = PurePosixPath(cell)
-    windows = PureWindowsPath(cell)  # also splits at backslashes and knows drives and shares
-    if relative.is_absolute() or windows.anchor or ".." in windows.parts:
+    return Path(_resolve(cell, Path(data_dir)))
+
+
+def _resolve(cell: str, data_dir: Path) -> str:
+    """:func:`resolve_path` as a string (see :attr:`Record.file`)."""
+    normalised = cell.replace("\\", "/")
+    parts = [part for part in normalised.split("/") if part not in ("", ".")]  # as pathlib splits it
+    if ".." in parts:
         raise ValueError(f"path {cell!r} escapes the data folder")
-    if not relative.parts:
+    if normalised.startswith("/") or normalised[1:2] == ":":  # a root, a Windows drive or share
+        path = Path(normalised)
+        if path.is_absolute() and (path.is_relative_to(os.path.abspath(data_dir))
+                                   or path.is_relative_to(data_dir.resolve())):
+            return str(path)
+        raise ValueError(f"path {cell!r} escapes the data folder")
+    if not parts:
         raise ValueError("empty path")
-    first, *rest = relative.parts
-    if first in (data_dir.name, DATASET_FOLDER):
-        return data_dir.joinpath(*rest)
-    return data_dir.parent / relative
+    if parts[0] in (data_dir.name, DATASET_FOLDER):
+        return os.path.join(str(data_dir), "/".join(parts[1:]))
+    return os.path.join(str(data_dir.parent), "/".join(parts))
 
 
 def read_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
@@ -262,7 +325,7 @@ def read_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = N
             missing = [name for name in COLUMNS if name not in header]
             if missing:
                 raise DataFormatError(csv_path, reason=f"missing column(s): {', '.join(missing)}")
-            columns = [header.index(name) for name in COLUMNS]
+            columns = operator.itemgetter(*(header.index(name) for name in COLUMNS))
             for cells in reader:
                 if not cells:
                     continue
@@ -278,22 +341,29 @@ def read_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = N
     return ReadResult(records, skipped)
 
 
-def _parse_row(cells: list[str], n_columns: int, columns: list[int], data_dir: Path, row: int) -> Record:
-    """The record of one CSV row; ValueError naming the culprit cell if it is malformed."""
+def _parse_row(cells: list[str], n_columns: int, columns: operator.itemgetter, data_dir: Path, row: int) -> Record:
+    """The record of one CSV row (``columns`` picks the cells of :data:`COLUMNS`); ValueError naming the
+    culprit cell if it is malformed."""
     if len(cells) != n_columns:
         raise ValueError(f"{len(cells)} cells where the header has {n_columns}")
-    path_cell, sex, age, view, projection, *label_cells = (cells[i].strip() for i in columns)
-    ids = _PATIENT_STUDY.search(path_cell)
+    cells = columns(cells)
+    path_cell, sex, age, view, projection = map(str.strip, cells[:5])
+    label_cells = cells[5:]
+    ids = _PATIENT_STUDY.search(path_cell.replace("\\", "/"))  # backslashes: a CSV written on Windows
     if ids is None:
         raise ValueError(f"Path {path_cell!r} has no patientN/studyN folders")
-    path = resolve_path(path_cell, data_dir)
+    file = _resolve(path_cell, data_dir)
     if view not in VIEWS:
         raise ValueError(f"Frontal/Lateral value {view!r} (expected Frontal or Lateral)")
     if projection not in (*PROJECTIONS, ""):
         raise ValueError(f"AP/PA value {projection!r} (expected AP, PA, LL, RL or blank)")
-    return Record(path=path, csv_path=path_cell, patient=ids[1], study=ids[2], sex=sex, age=_parse_age(age),
-                  view=view, projection=projection, row=row,
-                  labels=tuple(_parse_label(cell, label) for cell, label in zip(label_cells, LABELS)))
+    # a dictionary look-up of the cells as CheXpert writes them; any other spelling (or a bad cell) goes
+    # through _parse_label, which reads it or names it
+    labels = tuple(map(_LABEL_CELL_VALUES.get, label_cells))
+    if None in labels:
+        labels = tuple(_parse_label(cell.strip(), label) for cell, label in zip(label_cells, LABELS))
+    return Record(file=file, csv_path=path_cell, patient=ids[1], study=ids[2], sex=sex, age=_parse_age(age),
+                  view=view, projection=projection, row=row, labels=labels)
 
 
 def _parse_age(cell: str) -> int | None:
@@ -424,9 +494,7 @@ class CheXpertDataset(Dataset):
         self.transform = transform
         self.seed, self.epoch = seed, 0
         if records is None:
-            if data_dir is None and split in ("train", "valid"):
-                raise ValueError(f"split {split!r} needs data_dir")
-            self.csv_path = Path(data_dir) / f"{split}.csv" if split in ("train", "valid") else Path(split)
+            self.csv_path = split_csv(data_dir, split)
             records, self.skipped = read_csv(self.csv_path, data_dir, on_error)
         else:
             self.csv_path, self.skipped = None, []

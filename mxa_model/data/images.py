@@ -72,17 +72,25 @@ def _pil_pixels(path: Path) -> np.ndarray:
 
 
 def _dicom_pixels(path: Path) -> np.ndarray:
-    """(H, W) float32 in [0, 1] from a single-frame grayscale DICOM file, white = dense.
+    """(H, W) float32 in [0, 1] from a single-frame grayscale DICOM file, white = dense, as a viewer shows it.
 
     The file must be in the DICOM file format (preamble and ``DICM`` magic), as files are since 1993.
 
-    The stored values are divided by their range: ``[0, 2**BitsStored - 1]`` (signed:
-    ``[-2**(BitsStored-1), 2**(BitsStored-1) - 1]``), or the image's own min..max when values
-    exceed it. No VOI LUT (window) is applied. The Modality LUT (Rescale Slope /
-    Intercept) is linear, so after that normalization only its sign remains: a negative slope
-    inverts. MONOCHROME1 (white = 0) is inverted so that dense tissue is bright, as in MONOCHROME2.
+    The stored values go through the display pipeline's grayscale steps with pydicom's own functions: the
+    Modality LUT (Rescale Slope / Intercept, or a LUT), then the VOI LUT (Window Center / Width, or a LUT;
+    without one the values pass unchanged). The output range is what the lowest and highest storable
+    values (``[0, 2**BitsStored - 1]``, signed ``[-2**(BitsStored-1), 2**(BitsStored-1) - 1]``, or the
+    image's own min..max when values exceed it) become through the same steps, and it is mapped to
+    [0, 1]: values outside a window saturate, and low Modality LUT outputs are dark (so a negative slope
+    inverts the stored values). MONOCHROME1 (white = 0) is inverted last, over that range, so that dense
+    tissue is bright, as in MONOCHROME2.
     """
     import pydicom  # here, not at the top: the commands that read no images (bench, backends) run without it
+
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(path)  # not force=True: that would parse any bytes as some data set
     if "PixelData" not in ds:
@@ -93,19 +101,24 @@ def _dicom_pixels(path: Path) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames) is not supported")
-    stored = ds.pixel_array.astype(np.float64)
+    stored = ds.pixel_array  # in its integer type: pydicom's LUTs index with it
+    for name in ("RescaleSlope", "RescaleIntercept"):
+        if name in ds and ds[name].value is None:  # empty: no rescale (pydicom would multiply by None)
+            del ds[name]
 
     bits = int(ds.BitsStored)  # decoding needs it, so it is there
     signed = ds.get("PixelRepresentation", 0) == 1
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     if stored.min() < low or stored.max() > high:
         # pydicom 3 clears the bits above BitsStored, pydicom 2 leaves them (overlays, headers that lie)
-        low, high = stored.min(), stored.max()
-    pixels = (stored - low) / (high - low) if high > low else np.zeros_like(stored)
-
-    invert = photometric == "MONOCHROME1"
-    if float(ds.get("RescaleSlope", 1) or 1) < 0:
-        invert = not invert
-    if invert:
+        low, high = int(stored.min()), int(stored.max())
+    # the output range: the storable extremes through both steps, in the order of their modality values
+    darkest, brightest = apply_voi_lut(np.sort(apply_modality_lut(np.array([low, high]), ds)), ds).astype(np.float64)
+    shown = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
+    if brightest == darkest:
+        pixels = np.zeros_like(shown)
+    else:  # clipped: a non-monotonic LUT may leave the range its ends span
+        pixels = np.clip((shown - darkest) / (brightest - darkest), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
     return pixels.astype(np.float32)

@@ -1,6 +1,11 @@
 """Training augmentation and evaluation preprocessing for the (1, H, W) tensors of ``load_image``.
 
-Both end in the same normalization, ``(x - MEAN) / STD``, which maps the [0, 1] image to [-2, 2]
+One resize policy: the model sees square crops of an image resized with its aspect ratio kept, never
+a whole non-square image squashed to a square (CheXpert's images are about 320 x 390). Evaluation and
+prediction resize the shorter side to the input size and crop the centre (:func:`eval_crop`); training's
+random resized crop takes 70-100 % of the image's area in a shape within 3:4-4:3 of a square, so that
+its crops are stretched by at most that much and by nothing on average. Both end in the same
+normalization, ``(x - MEAN) / STD``, which maps the [0, 1] image to [-2, 2]
 with a typical radiograph near mean 0 and unit spread (single-channel, so the ImageNet statistics
 do not apply). Randomness comes from torch's global generator: ``torch.manual_seed`` (and the
 DataLoader's per-worker seeding) make the augmentation reproducible.
@@ -18,7 +23,8 @@ MEAN, STD = 0.5, 0.25
 def train_transform(img_size: int, strength: float = 1.0) -> v2.Transform:
     """The paper's augmentations, each with a probability, then the normalization.
 
-    In order: random resized crop (area 70-100 %, aspect 3:4-4:3) to ``img_size`` x ``img_size``
+    In order: random resized crop (70-100 % of the image's area, shape 3:4-4:3, the aspect ratio jitter
+    around the undistorted square crops of :func:`eval_transform`) to ``img_size`` x ``img_size``
     (always: it also sets the size, and running it first makes the rest work on small images);
     horizontal flip (p 0.5); rotation within +-10 degrees (p 0.5); affine: translation up to 5 %,
     scale 0.95-1.05, shear up to 5 degrees (p 0.5); elastic deformation, displacements of about 1 %
@@ -49,8 +55,16 @@ def train_transform(img_size: int, strength: float = 1.0) -> v2.Transform:
 
 
 def eval_transform(img_size: int) -> v2.Transform:
-    """Resize to ``img_size`` x ``img_size`` (antialiased, aspect not kept), then the normalization."""
-    return v2.Compose([v2.Resize((img_size, img_size), antialias=True), v2.Normalize([MEAN], [STD])])
+    """Resize the shorter side to ``img_size`` (antialiased, aspect ratio kept), crop the centre
+    ``img_size`` x ``img_size`` square (:func:`eval_crop`), then the normalization."""
+    return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), v2.Normalize([MEAN], [STD])])
+
+
+def eval_crop(height: int, width: int) -> tuple[float, float, float]:
+    """``(left, top, side)``: the square of a ``height`` x ``width`` image that :func:`eval_transform`
+    keeps, in the image's pixels."""
+    side = min(height, width)
+    return (width - side) / 2, (height - side) / 2, side
 
 
 def _elastic(img_size: int, strength: float) -> v2.Transform:

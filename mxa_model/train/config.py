@@ -32,7 +32,7 @@ class TrainConfig:
     """Everything a run depends on; each field is an ``mxa train`` flag (the field's name in kebab case,
     but for those ``mxa_model.cli.TRAIN_FLAGS`` names otherwise)."""
 
-    data: str = setting(help="the CheXpert-v1.0-small folder (holding train.csv, valid.csv)")
+    data: str = setting(help="the CheXpert-v1.0-small folder (holding train.csv, valid.csv), or the folder holding it")
     output: str = setting(help="folder for checkpoints (last.pt, best.pt) and log.csv")
     model: str = setting("mxa_efficientvit_m5", "an MXA model, or densenet121 for the teacher")
     epochs: int = setting(10, "training epochs")
@@ -57,7 +57,8 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     seed: int = setting(0, "random seed")
     workers: int = setting(2, "data loader worker processes, per process (0: load in the main process)")
-    roi_mode: str = setting("crop", "MXA ROI mode", mxa_kernels.ROI_MODES)
+    roi_mode: str = setting("align", "MXA ROI mode (crop: the authors', whose ROI predictor never trains)",
+                            mxa_kernels.ROI_MODES)
     policy: str = setting("ones", "uncertain labels: a default and per-label overrides, e.g. "
                           f"'ones,Cardiomegaly=zeros'; policies: {', '.join(UNCERTAINTY_POLICIES)}")
     views: tuple[str, ...] = setting(("frontal",), "frontal, lateral or frontal,lateral")

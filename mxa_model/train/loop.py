@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
-from ..data.chexpert import describe_skipped
+from ..data.chexpert import SPLITS, describe_skipped, find_data_dir
 from ..inference import EVAL_POLICY, predict_loader
 from ..metrics import auc_report, format_auc
 from . import distributed
@@ -40,6 +40,7 @@ from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_wei
 from .config import RESUME_FIELDS, TrainConfig, model_kwargs
 from .losses import distillation_loss, supervised_loss
 
+# log.csv's columns, one row per epoch; "epoch" counts from 1, as the console's "epoch N/EPOCHS" does
 LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
               "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
 
@@ -131,10 +132,14 @@ def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, tra
 
 
 def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
+    """The rows of log.csv for epochs 1 to ``up_to_epoch``."""
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+        rows = list(csv.DictReader(f))
+    if rows and rows[0]["epoch"] == "0":  # a log written when its rows counted from 0
+        rows = [dict(row, epoch=str(int(row["epoch"]) + 1)) for row in rows]
+    return [row for row in rows if int(row["epoch"]) <= up_to_epoch]
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -158,6 +163,10 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     """The phases, in order; the summary of the last epoch run ({} when none was left to run)."""
+    # before any CSV is parsed and OUTPUT is made: a --data without both CSVs fails at once, leaving nothing
+    data_dir = find_data_dir(cfg.data, SPLITS, say=print if ctx.main else None)
+    if data_dir != Path(cfg.data):
+        cfg = dataclasses.replace(cfg, data=str(data_dir))
     if ctx.main:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
@@ -275,7 +284,8 @@ def _resume_from_checkpoint(run: Run) -> None:
         run.say(f"--resume: no checkpoint at {last} yet, starting afresh")
     if run.start_epoch >= cfg.epochs:
         run.say(f"nothing to do: all {cfg.epochs} epochs of {run.out} are done")
-    run.log_rows = _read_log(run.log_path, run.start_epoch - 1) if run.ctx.main else []
+    # start_epoch epochs are done, and log.csv numbers them 1..start_epoch
+    run.log_rows = _read_log(run.log_path, run.start_epoch) if run.ctx.main else []
 
 
 def _check_resumable(run: Run, checkpoint: dict) -> None:
@@ -402,7 +412,7 @@ def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report
     save_error, row = None, None
     if ctx.main:
         # the log row first: a crash before the checkpoint lands leaves a row that resume drops
-        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats.train_loss,
+        row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats.train_loss,
                "images_per_s": stats.images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
                "auc_competition": report["auc_competition"],
                "ema_auc_macro": ema_report and ema_report["auc_macro"],
@@ -445,7 +455,7 @@ def _show_epoch(run: Run, epoch: int, row: dict, report: dict, ema_report: dict 
     if run.tensorboard is not None:
         for key in ("train_loss", "auc_macro", "auc_micro", "images_per_s"):
             if row[key] is not None:
-                run.tensorboard.add_scalar(key, row[key], epoch + 1)
+                run.tensorboard.add_scalar(key, row[key], row["epoch"])
     shown = format_auc(report["auc_macro"]) + (f", EMA {format_auc(ema_report['auc_macro'])}" if ema_report else "")
     loss_shown = "none (every batch skipped)" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
     run.say(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {loss_shown}, {row['images_per_s']:.1f} images/s, "

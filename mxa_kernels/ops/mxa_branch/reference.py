@@ -18,6 +18,8 @@ ROI modes:
 
 Both modes express the resample of each axis as a (B, out, in) interpolation matrix, so the whole
 batch is two batched matrix products: no loop over samples, no host synchronization.
+
+The functions the model calls are kept inside TorchScript's subset: a scripted model runs them.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def roi_resample(x: torch.Tensor, boxes: torch.Tensor, roi_mode: str) -> torch.T
         rows = align_resize_matrix(boxes[:, 1], boxes[:, 3], height, dtype)
         cols = align_resize_matrix(boxes[:, 0], boxes[:, 2], width, dtype)
     else:
-        raise ValueError(f"unknown roi_mode {roi_mode!r}; expected one of {', '.join(ROI_MODES)}")
+        raise ValueError(f"unknown roi_mode '{roi_mode}'; expected 'crop' or 'align'")  # TorchScript: no global tuples
     rows, cols = rows.to(x.dtype), cols.to(x.dtype)
     # out[b, c] = rows[b] @ x[b, c] @ cols[b]^T; the column pass is one bmm over all (c, h) rows
     batch, channels = x.shape[:2]
@@ -140,7 +142,8 @@ def channel_spatial_attention(
     """The MXA branch after the ROI resample: channel attention, then spatial attention, on ``z``."""
     # Weights of another dtype (float32 weights with half-precision features, as in mixed precision)
     # are cast to the features' dtype.
-    ca_reduce_weight, ca_expand_weight, sa_weight = (w.to(z.dtype) for w in (ca_reduce_weight, ca_expand_weight, sa_weight))
+    ca_reduce_weight, ca_expand_weight = ca_reduce_weight.to(z.dtype), ca_expand_weight.to(z.dtype)
+    sa_weight = sa_weight.to(z.dtype)
     pooled = z.mean(dim=(2, 3), keepdim=True)
     channel_w = torch.sigmoid(F.conv2d(F.relu(F.conv2d(pooled, ca_reduce_weight)), ca_expand_weight))
     z = z * channel_w

@@ -5,6 +5,7 @@ The maps are cut into ``window x window`` tiles; inside each tile every token i 
 token j with ``softmax_j(scale * q_i . k_j + bias[bias_idx[i, j]])`` and the output is
 ``sum_j p_ij v_j``, written back at token i's position. The maps' sides must be multiples of the
 window (a module pads its input first, as timm does, so that padded tokens are real tokens).
+Kept inside TorchScript's subset: a scripted model runs it.
 """
 
 from __future__ import annotations
