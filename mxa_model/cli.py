@@ -24,7 +24,7 @@ DEMO_FLAGS = {"student": "--model", "student_epochs": "--epochs", "progress": "-
 # the least value of each count or size, whatever the command (the exit status is 2 below it)
 AT_LEAST = {"batch_size": 1, "steps": 1, "img_size": 1, "num_classes": 1, "in_chans": 1, "epochs": 1,
             "student_epochs": 1, "n_train": 1, "n_valid": 1, "teacher_epochs": 1, "max_steps_per_epoch": 1,
-            "workers": 0}
+            "workers": 0, "seeds": 1}
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -154,6 +154,16 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def ablate(args: argparse.Namespace) -> int:
+    """The ablation study on the embedded data: timm's plain EfficientViT, MXA with the authors' crop and
+    with align, each with and without distillation, over several seeds; writes ablation.json, ablation.png
+    and prints the table (docs/ablation.md)."""
+    from .ablation import AblationConfig, run_ablation
+
+    run_ablation(config_from_args(AblationConfig, args))
+    return 0
+
+
 def synth(args: argparse.Namespace) -> int:
     """Write the embedded CheXpert-format data set (synthetic findings planted on a real radiograph)."""
     from .data.synth import generate
@@ -223,6 +233,12 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, DemoConfig, DEMO_FLAGS)
 
 
+def _ablate_arguments(p: argparse.ArgumentParser) -> None:
+    from .ablation import AblationConfig
+
+    add_config_flags(p, AblationConfig, {"progress": "--quiet", "max_steps_per_epoch": "--max-steps"})
+
+
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder to write CheXpert-v1.0-small/ into")
     p.add_argument("--n-train", type=int, default=2000, help="training images (default: %(default)s)")
@@ -290,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help, add_arguments in (
         ("demo", demo, "the main job on the embedded data (generate, teacher, distill, evaluate, report)",
          _demo_arguments),
+        ("ablate", ablate, "the ablation study on the embedded data (plain, MXA crop/align, distillation)",
+         _ablate_arguments),
         ("synth", synth, "write the embedded CheXpert-format data set", _synth_arguments),
         ("train", train, "train or distill a model on a CheXpert-format folder", _train_arguments),
         ("eval", evaluate, "evaluate a checkpoint: per-label AUC, macro and micro means", _eval_arguments),

@@ -7,6 +7,7 @@ Registered with timm as ``mxa_efficientvit_m0`` ... ``mxa_efficientvit_m5`` on `
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Sequence
 
@@ -26,7 +27,7 @@ import mxa_kernels
 from .cascaded_attention import FusedLocalWindowAttention
 from .mxa import MedicalXRayAttention
 
-FUSIONS = ("sum", "gate")
+FUSIONS = ("sum", "gate", "authors", "authors-gate")
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,6 +44,11 @@ class MXAEfficientVitBlock(EfficientVitBlock):
     ``x + s * attn(x) + (1 - s) * mxa(x)`` with ``s = sigmoid(alpha)`` (``fusion="gate"``; ``alpha``
     starts at 0.5 as in the authors' code). timm's ``mixer`` (a residual around its
     ``LocalWindowAttention``) keeps its parameter names; the residual sum is formed here.
+
+    ``fusion="authors"`` computes what the authors' trained block computes, to run their weights:
+    ``x1 = (x + attn(x)) + (x + mxa(x))`` (the identity counted twice), then timm's whole sandwich
+    with the same attention again: ``ffn1(dw1(mixer(ffn0(dw0(x1)))))``, each a residual.
+    ``"authors-gate"`` is their revision with ``x1 = s * (x + attn(x)) + (1 - s) * (x + mxa(x))``.
     """
 
     def __init__(
@@ -73,9 +79,12 @@ class MXAEfficientVitBlock(EfficientVitBlock):
         self.mxa = MedicalXRayAttention(dim, mxa_reduction, roi_mode=roi_mode, backend=backend, **dd)
         # a None parameter in "sum" fusion: the attribute exists (TorchScript compiles both branches
         # below) but stays out of the state_dict
-        self.register_parameter("alpha", nn.Parameter(torch.tensor(0.5, **dd)) if fusion == "gate" else None)
+        gated = fusion in ("gate", "authors-gate")
+        self.register_parameter("alpha", nn.Parameter(torch.tensor(0.5, **dd)) if gated else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fusion.startswith("authors"):
+            return self._authors_forward(x)
         x = self.ffn0(self.dw0(x))
         # timm's ResidualDrop around the attention is bypassed to form the three-way sum; timm never
         # gives it a drop rate, and MXAEfficientVit does not either.
@@ -88,6 +97,16 @@ class MXAEfficientVitBlock(EfficientVitBlock):
             x = x + s * attn + (1 - s) * local
         return self.ffn1(self.dw1(x))
 
+    def _authors_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with_attn, with_mxa = self.mixer(x), x + self.mxa(x)  # timm's mixer is x + attn(x)
+        alpha = self.alpha
+        if alpha is None:
+            x = with_attn + with_mxa
+        else:
+            s = torch.sigmoid(alpha)
+            x = s * with_attn + (1 - s) * with_mxa
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
 
 class MXAEfficientVit(EfficientVitMsra):
     """EfficientViT (MSRA) with MXA in every attention block, for multi-label chest X-ray classification.
@@ -95,7 +114,8 @@ class MXAEfficientVit(EfficientVitMsra):
     Args (beyond timm's ``EfficientVitMsra``):
         roi_mode: MXA ROI mode, ``"align"`` (differentiable, the default) or ``"crop"`` (the authors',
             whose ROI predictor never trains).
-        fusion: how attention and MXA join, ``"sum"`` or ``"gate"`` (see :class:`MXAEfficientVitBlock`).
+        fusion: how attention and MXA join, ``"sum"`` or ``"gate"``, or the authors' block, ``"authors"``
+            or ``"authors-gate"``, to run their weights (see :class:`MXAEfficientVitBlock`).
         mxa_reduction: channel-attention reduction of the MXA branches.
         distilled: add a second (distillation) head, DeiT-style: in training the forward returns
             ``(class_logits, distillation_logits)``, in eval their average.
@@ -239,9 +259,16 @@ def _is_optional_key(key: str) -> bool:
 
 
 def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_ema: bool = True) -> dict[str, list[str]]:
-    """Load a timm ``efficientvit_m*`` or project checkpoint (``torch.save`` or safetensors) into ``model``.
+    """Load a timm ``efficientvit_m*``, project or authors' checkpoint (``torch.save`` or safetensors) into
+    ``model``.
 
-    Checkpoints are read with ``weights_only=True``; a file holding ``model``/``state_dict`` and EMA
+    The authors' checkpoints (Microsoft's Cream EfficientViT layout with ``mxa`` residuals, see
+    :func:`authors_state_dict`) load into a model built with ``fusion="authors"``, or
+    ``"authors-gate"`` for those with a per-block ``alpha``: with the project's own block their weights
+    would compute another function, so another fusion is refused.
+
+    Checkpoints are read with ``weights_only=True`` (an ``argparse.Namespace`` of training arguments,
+    as the authors' files hold, is allowed); a file holding ``model``/``state_dict`` and EMA
     weights (``model_ema``/``state_dict_ema``) gives the EMA weights unless ``use_ema=False``. A
     3-channel stem is adapted to ``in_chans`` (timm's ``adapt_input_conv``); attention biases of
     another window size are resized; classifier, distillation-head and gate weights that do not fit
@@ -253,11 +280,20 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_em
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        state = load_state_dict(path, use_ema=use_ema)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_state_dict(path, use_ema=use_ema)
     except Exception as exc:
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"checkpoint {path} does not hold a state_dict of tensors")
+    if any(key.startswith("blocks1.") for key in state):
+        state = authors_state_dict(state)
+        wanted = "authors-gate" if any(key.endswith(".alpha") for key in state) else "authors"
+        fusion = model.stages[0].blocks[0].fusion
+        if fusion != wanted:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds the authors' model, whose block computes another function than "
+                f"fusion={fusion!r}: build the model with fusion={wanted!r} to run it")
     target = model.state_dict()
     stem = "patch_embed.conv1.conv.weight"
     skipped = []
@@ -289,6 +325,39 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_em
                                       f"{len(keys)} {kind} ({', '.join(keys[:5])}, ...)")
     model.load_state_dict(state, strict=False)
     return {"missing": missing, "skipped": skipped}
+
+
+# the authors' blocksN.0 / .1 / .2 of stages 2 and 3: timm's downsampling parts
+_AUTHORS_DOWNSAMPLE = ("downsample.res1", "downsample.patchmerge", "downsample.res2")
+
+
+def authors_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' checkpoint keys in this model's names.
+
+    Their model is Microsoft's Cream EfficientViT: ``patch_embed.0/2/4/6``; ``blocks1``, ``blocks2``,
+    ``blocks3``, where ``blocks2`` and ``blocks3`` start with the downsampling (a residual depthwise
+    convolution and feed-forward pair, the patch merging, another pair); ``c`` and ``bn`` in each
+    convolution-BatchNorm pair; ``head.l`` (and ``head_dist``); the MXA branch as ``mxa.m`` (a
+    residual), its ROI predictor named ``poi_predictor`` in one revision. The attention-bias index
+    buffers (which this model computes) are left out.
+    """
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[-1] == "attention_bias_idxs":
+            continue
+        if parts[0] == "patch_embed":
+            parts[1] = f"conv{int(parts[1]) // 2 + 1}"
+        elif parts[0] in ("blocks1", "blocks2", "blocks3"):
+            stage, index = int(parts[0][-1]) - 1, int(parts[1])
+            if stage == 0 or index >= len(_AUTHORS_DOWNSAMPLE):
+                where = ["blocks", str(index - (0 if stage == 0 else len(_AUTHORS_DOWNSAMPLE)))]
+            else:
+                where = _AUTHORS_DOWNSAMPLE[index].split(".")
+            parts = ["stages", str(stage), *where, *parts[2:]]
+        parts = [{"c": "conv", "l": "linear", "poi_predictor": "roi_predictor"}.get(p, p) for p in parts]
+        renamed[".".join(parts).replace(".mxa.m.", ".mxa.")] = value
+    return renamed
 
 
 def _cfg(**kwargs):

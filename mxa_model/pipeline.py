@@ -41,10 +41,27 @@ class DemoConfig:
     progress: bool = setting(True, "progress bars")
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def embedded_data(folder: Path, n_train: int, n_valid: int, img_size: int, seed: int, progress: bool,
+                  stage=lambda name, fn: fn()) -> Path:
+    """The embedded data set under ``folder`` (its ``CheXpert-v1.0-small``), generated unless one made
+    completely with these settings is there already; ``stage(name, fn)`` runs the generation."""
     # here, not at the top: `mxa` builds its parser from DemoConfig, and `mxa bench` runs without pydicom
     from .data.synth import generate
 
+    data = folder / DATASET_FOLDER
+    marker = folder / "generated.json"
+    settings = {"n_train": n_train, "n_valid": n_valid, "img_size": img_size, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        print(f"using the data set already at {data}")
+    else:
+        marker.unlink(missing_ok=True)
+        stage("generate the embedded data set", lambda: generate(folder, n_train=n_train, n_valid=n_valid,
+                                                                  img_size=img_size, seed=seed, progress=progress))
+        marker.write_text(json.dumps(settings))
+    return data
+
+
+def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.output)
     started = time.perf_counter()
     timings = {}
@@ -56,18 +73,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings[name] = time.perf_counter() - t
         return result
 
-    data = out / "data" / DATASET_FOLDER
-    # reuse a data set only when it was generated completely, with these settings
-    marker = out / "data" / "generated.json"
-    settings = {"n_train": cfg.n_train, "n_valid": cfg.n_valid, "img_size": cfg.img_size, "seed": cfg.seed}
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        print(f"using the data set already at {data}")
-    else:
-        marker.unlink(missing_ok=True)
-        stage("generate the embedded data set", lambda: generate(out / "data", n_train=cfg.n_train, n_valid=cfg.n_valid,
-                                                                  img_size=cfg.img_size, seed=cfg.seed,
-                                                                  progress=cfg.progress))
-        marker.write_text(json.dumps(settings))
+    data = embedded_data(out / "data", cfg.n_train, cfg.n_valid, cfg.img_size, cfg.seed, cfg.progress, stage)
     common = dict(data=str(data), img_size=cfg.img_size, batch_size=cfg.batch_size, workers=cfg.workers,
                   seed=cfg.seed, progress=cfg.progress, backend=cfg.backend, lr=2e-3, warmup_epochs=0.5,
                   augment=cfg.augment)

@@ -152,10 +152,10 @@ def test_m0_forward_backward_at_a_small_size(fusion, roi_mode, in_chans):
     assert all((g is not None) == (roi_mode == "align") for g in mxa_grads)
     assert all(g is not None for name, g in grads.items() if ".mxa.spatial_attention" in name)
     alphas = [g for name, g in grads.items() if name.endswith(".alpha")]
-    assert len(alphas) == (6 if fusion == "gate" else 0) and all(g is not None for g in alphas)
+    assert len(alphas) == (6 if fusion.endswith("gate") else 0) and all(g is not None for g in alphas)
 
 
-@pytest.mark.parametrize("fusion", mxa_model.FUSIONS)
+@pytest.mark.parametrize("fusion", ["sum", "gate"])  # the authors' two: test_authors_block_computes_their_formula
 def test_fusions_compute_their_formula(fusion):
     """The MXA block against timm's plain block with the same weights, whose attention's output gets a
     stand-alone MXA module's added (sum: ``x + attn(x) + mxa(x)``; gate: ``x + s attn(x) + (1 - s) mxa(x)``,
@@ -249,7 +249,8 @@ def test_every_parameter_gets_a_gradient_with_the_default_roi_mode():
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(roi_mode="crop", fusion="gate", distilled=True)])
+@pytest.mark.parametrize("kwargs", [{}, dict(roi_mode="crop", fusion="gate", distilled=True),
+                                    dict(fusion="authors-gate")])
 def test_torchscript_runs_the_eager_references_and_matches_the_model(kwargs):
     """The scripted model (the whole-map cascade and the MXA branch with the ops' eager references)
     against the model (timm's windowed attention): 160x128 pads stage 1's 10x8 map to 2x2 windows."""
@@ -304,3 +305,70 @@ def test_a_classifier_put_back_after_the_pooling_was_removed_brings_the_pooling_
     assert model(x).shape == (2, model.num_features, 1, 1)
     model.reset_classifier(3)
     assert model.global_pool.pool_type == "avg" and model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("fusion", ["authors", "authors-gate"])
+def test_authors_block_computes_their_formula(fusion):
+    """The authors' block, composed here from its description: x1 = (x + LWA(x)) + (x + MXA(x)) (gated:
+    s (x + LWA(x)) + (1 - s) (x + MXA(x))), then x2 = x1 + DW0(x1), x3 = x2 + FFN0(x2), x4 = x3 + LWA(x3)
+    with the same LWA, x5 = x4 + DW1(x4), out = x5 + FFN1(x5); random weights, crop boxes not empty."""
+    from mxa_kernels import snap_boxes
+
+    model = _randomize(mxa_model.create_model("mxa_efficientvit_m0", img_size=128, fusion=fusion, roi_mode="crop"))
+    block = model.eval().stages[0].blocks[0]
+    with torch.no_grad():  # boxes (0.05, 0.05, 0.95, 0.95): the 8x8 map's pixels 0..6, neither empty nor whole
+        block.mxa.roi_predictor[2].weight.zero_()
+        block.mxa.roi_predictor[2].bias.copy_(torch.tensor([-3.0, -3.0, 3.0, 3.0]))
+    x = torch.randn(2, 64, 8, 8)
+    assert snap_boxes(block.mxa.roi_boxes(x), 8, 8).tolist() == [[0, 0, 7, 7]] * 2
+    lwa, mxa = block.mixer.m, block.mxa
+    with torch.no_grad():
+        if fusion == "authors":
+            x1 = (x + lwa(x)) + (x + mxa(x))
+        else:
+            s = torch.sigmoid(block.alpha)
+            x1 = s * (x + lwa(x)) + (1 - s) * (x + mxa(x))
+        x2 = x1 + block.dw0.m(x1)
+        x3 = x2 + block.ffn0.m(x2)
+        x4 = x3 + lwa(x3)
+        x5 = x4 + block.dw1.m(x4)
+        torch.testing.assert_close(block(x), x5 + block.ffn1.m(x5))
+
+
+def _in_the_authors_layout(state):
+    """A state_dict in the authors' checkpoint names (Microsoft's Cream EfficientViT: patch_embed.0/2/4/6,
+    blocks1..3 with the downsampling as blocksN.0/.1/.2, c/bn pairs, head.l, mxa.m, poi_predictor)."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^patch_embed\.conv(\d)", lambda m: f"patch_embed.{2 * (int(m[1]) - 1)}", key)
+        key = re.sub(r"^stages\.0\.blocks\.(\d+)", r"blocks1.\1", key)
+        key = re.sub(r"^stages\.(\d)\.downsample\.(res1|patchmerge|res2)",
+                     lambda m: f"blocks{int(m[1]) + 1}.{('res1', 'patchmerge', 'res2').index(m[2])}", key)
+        key = re.sub(r"^stages\.(\d)\.blocks\.(\d+)", lambda m: f"blocks{int(m[1]) + 1}.{int(m[2]) + 3}", key)
+        key = key.replace(".mxa.roi_predictor.", ".mxa.m.poi_predictor.").replace(".mxa.", ".mxa.m.")
+        key = key.replace(".mxa.m.m.", ".mxa.m.").replace(".conv.", ".c.").replace("head.linear.", "head.l.")
+        out[key.replace("head_dist.linear.", "head_dist.l.")] = value
+    return out
+
+
+@pytest.mark.parametrize("fusion", ["authors", "authors-gate"])
+def test_authors_checkpoint_layout_loads_and_reproduces_the_model(tmp_path, fusion):
+    import argparse
+
+    kwargs = dict(img_size=64, fusion=fusion, roi_mode="crop", distilled=True)
+    source = _randomize(mxa_model.create_model("mxa_efficientvit_m0", **kwargs)).eval()
+    theirs = _in_the_authors_layout(source.state_dict())
+    assert "blocks2.1.conv1.c.weight" in theirs and "blocks1.0.mxa.m.poi_predictor.0.weight" in theirs
+    theirs["blocks1.0.mixer.m.attn.attention_bias_idxs"] = torch.zeros(49, 49, dtype=torch.long)
+    torch.save({"model": theirs, "args": argparse.Namespace(lr=1e-3), "epoch": 49}, tmp_path / "authors.pth")
+    model = mxa_model.create_model("mxa_efficientvit_m0", **kwargs, pretrained_file=str(tmp_path / "authors.pth"))
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), source(x))
+    other = "authors" if fusion == "authors-gate" else "authors-gate"
+    for wrong in ("sum", other):
+        with pytest.raises(CheckpointMismatchError, match=f"authors' model.*fusion='{fusion}'"):
+            mxa_model.create_model("mxa_efficientvit_m0", **dict(kwargs, fusion=wrong),
+                                   pretrained_file=str(tmp_path / "authors.pth"))

@@ -1,6 +1,8 @@
 """The eager MXA branch against independent computations: the authors' per-sample loop (crop mode),
 torchvision's RoIAlign and finite differences (align mode), nn layers (attention stages)."""
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -49,6 +51,28 @@ def test_crop_passes_no_gradient_to_boxes():
 def test_snap_boxes_truncates_clamps_and_falls_back():
     boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.19, 0.0, 0.99, 1.0], [0.3, 0.1, 0.31, 0.2]])
     assert snap_boxes(boxes, 10, 10).tolist() == [[0, 0, 10, 10], [1, 0, 9, 10], [0, 0, 10, 10]]
+
+
+def half_precision_coordinates(dtype):
+    """Every value of ``dtype`` in (0, 1), the range of the ROI predictor's sigmoid."""
+    values = torch.arange(1, 2**15, dtype=torch.int16).view(dtype)
+    return values[(values > 0) & (values < 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_snap_boxes_multiplies_in_float32_whatever_the_boxes_dtype(dtype):
+    """The one rule: the product coordinate * size in float32 (exact here), then truncated. A product in
+    the box's half precision rounds a few coordinates up to the next pixel (e.g. float16 0.142822265625 * 7
+    = 0.99976 in float32, 1.0 in float16): those are the boundary cases."""
+    values = half_precision_coordinates(dtype)
+    ones = torch.ones_like(values)
+    boxes = torch.stack([values, values, ones, ones], dim=1)
+    for size in (4, 7, 14):
+        want = [math.floor(v * size) for v in values.tolist()]  # Python floats: exact products
+        snapped = snap_boxes(boxes, size, size)
+        assert snapped[:, 0].tolist() == want and snapped[:, 1].tolist() == want
+        in_half = torch.floor((values * size).float()).long()
+        assert (size == 4) == bool((in_half == snapped[:, 0]).all())  # 7 and 14 have boundary cases
 
 
 def roi_align_reference(x, boxes):

@@ -253,6 +253,22 @@ def test_module_uses_the_kernel_through_the_backend_switch(roi_mode):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("side", [7, 14])
+def test_crop_snaps_half_precision_boxes_in_float32_as_the_reference(side):
+    """The float16 coordinates whose product with the side rounds up to the next pixel in float16 but not
+    in float32 (the boundary cases of the snapping rule): the kernel crops where the reference does."""
+    values = torch.arange(1, 2**15, dtype=torch.int16).view(torch.float16)
+    values = values[(values > 0) & (values < 1)]
+    values = values[torch.floor((values * side).float()) != torch.floor(values.float() * side)]
+    ones = torch.ones_like(values)
+    boxes = torch.stack([values, values * 0, ones, ones], dim=1).to(DEVICE)  # x1 at the boundary
+    x, _, weights, _ = make_inputs(len(values), 8, side, side, "crop")
+    want = mxa_branch_ref(x, boxes, *weights, "crop")
+    torch.testing.assert_close(fused_op(x, boxes, *weights, "crop"), want, rtol=1e-4, atol=1e-5)
+    shifted = mxa_branch_ref(x, boxes + torch.tensor([1 / (2 * side), 0, 0, 0], device=DEVICE), *weights, "crop")
+    assert not torch.allclose(shifted, want)  # half a pixel further is another crop: the test can tell
+
+
 def test_maps_beyond_the_kernel_fall_back_or_raise():
     x, boxes, weights, _ = make_inputs(1, 4, fused.MAX_MAP_SIDE + 1, 8, "crop")
     args = (x, boxes, *weights, "crop")

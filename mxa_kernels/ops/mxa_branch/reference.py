@@ -11,7 +11,12 @@ ROI modes:
 
 - ``"crop"``, the authors' semantics: ``x1 = int(x1 * W)`` etc. (truncation), clamped to the map;
   when the box is empty the whole map is used; the crop is resized with ``F.interpolate`` bilinear,
-  ``align_corners=False``. The integer snapping passes no gradient to the boxes.
+  ``align_corners=False``. The integer snapping passes no gradient to the boxes. The product
+  ``x1 * W`` is formed in float32 whatever the boxes' dtype (a half-precision coordinate is exact in
+  float32, and so is its product with a side up to 2**13): the authors' float32 training computed
+  exactly this. Their code multiplies in the box's own dtype, which under float16 / bfloat16 autocast
+  rounds a few products up to the next pixel (float16 0.142822265625 * 7 is 0.99976, 1.0 in float16):
+  the project does not follow that, on any backend.
 - ``"align"``, differentiable: the box is continuous (already ordered, ``x1 < x2``, ``y1 < y2``) and
   sampled RoIAlign-style (one bilinear sample per output pixel centre, ``aligned=True``, border
   clamped). Gradients reach the features and the box coordinates.
