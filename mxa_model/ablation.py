@@ -6,7 +6,9 @@ seeds: timm's plain EfficientViT of the student's width, MXA with the authors' c
 each of those distilled from one frozen DenseNet-121 teacher (trained once, before the arms). Every run
 is evaluated on the validation split with its last weights (not the best epoch's: choosing an epoch by
 the validation AUC would favour the arms whose curve is noisier). The plain model has one head, so its
-distilled arm puts both loss terms on it; the MXA arms' distilled students get DeiT's second head.
+distilled arm puts both loss terms on it; the MXA arms' distilled students get DeiT's second head (so the
+distillation effects of the MXA arms include that head). Training speed is the median of the epochs'
+images/s after the first, and a distilled arm's includes the teacher's forward pass.
 
 Results: ``OUTPUT/ablation.json`` (each run, each arm's mean and spread, and the paired differences
 between arms over the seeds), ``OUTPUT/ablation.png`` (AUC per arm with error bars) and the table printed
@@ -72,11 +74,15 @@ def run_ablation(cfg: AblationConfig) -> dict:
     unknown = [arm for arm in cfg.arms if arm not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(ARMS)}")
+    if len(set(cfg.arms)) != len(cfg.arms):
+        raise ValueError(f"an arm is named twice in --arms {','.join(cfg.arms)}")
     if cfg.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {cfg.seeds}")
     out = Path(cfg.output)
     started = time.perf_counter()
     data = embedded_data(out / "data", cfg.n_train, cfg.n_valid, cfg.img_size, 0, cfg.progress)
+    # what a run's result depends on beyond its TrainConfig: the data set's and the teacher's settings
+    depends = {"data": json.loads((out / "data" / "generated.json").read_text())}
     common = dict(data=str(data), img_size=cfg.img_size, batch_size=cfg.batch_size, workers=cfg.workers,
                   progress=cfg.progress, backend=cfg.backend, lr=2e-3, warmup_epochs=0.5, augment=cfg.augment,
                   max_steps_per_epoch=cfg.max_steps_per_epoch)
@@ -84,7 +90,8 @@ def run_ablation(cfg: AblationConfig) -> dict:
     if any(ARMS[arm][1] for arm in cfg.arms):
         teacher_cfg = TrainConfig(output=str(out / "teacher"), model="densenet121", epochs=cfg.teacher_epochs,
                                   seed=0, **common)
-        teacher = _run(teacher_cfg, "the DenseNet-121 teacher")["last"]
+        teacher_record = _run(teacher_cfg, "the DenseNet-121 teacher", depends)
+        teacher, depends["teacher"] = teacher_record["last"], teacher_record["settings"]
     runs = []
     for seed in range(cfg.seeds):
         for arm in cfg.arms:
@@ -93,7 +100,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
                 output=str(out / "runs" / arm / f"seed{seed}"), epochs=cfg.epochs, seed=seed,
                 model=f"{'mxa_' if roi_mode else ''}efficientvit_{cfg.variant}", roi_mode=roi_mode or "align",
                 teacher=teacher if distilled else None, **common)
-            runs.append(_run(run_cfg, f"{arm}, seed {seed}", arm=arm, workers=cfg.workers))
+            runs.append(_run(run_cfg, f"{arm}, seed {seed}", depends, arm=arm))
     arms = {arm: _summary([r for r in runs if r["arm"] == arm]) for arm in cfg.arms}
     effects = [_effect(runs, a, b) for a, b in EFFECTS if a in cfg.arms and b in cfg.arms]
     result = {"config": dataclasses.asdict(cfg), "runs": runs, "arms": arms, "effects": effects,
@@ -105,14 +112,16 @@ def run_ablation(cfg: AblationConfig) -> dict:
     return result
 
 
-def _run(cfg: TrainConfig, name: str, arm: str | None = None, workers: int = 2) -> dict:
-    """Train ``cfg`` (unless its result.json holds these settings) and, for an arm, evaluate its last
-    weights; the run's record."""
+def _run(cfg: TrainConfig, name: str, depends: dict, arm: str | None = None) -> dict:
+    """Train ``cfg`` (unless its result.json holds these settings and its checkpoint is there) and, for an
+    arm, evaluate its last weights; the run's record."""
     record_path = Path(cfg.output) / "result.json"
-    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as result.json gives it back (lists, not tuples)
+    # as result.json gives them back (lists, not tuples); neither progress bars nor loader processes
+    # change a result
+    settings = json.loads(json.dumps(dict(dataclasses.asdict(cfg), progress=None, workers=None, **depends)))
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record["settings"] == settings:
+        if record["settings"] == settings and Path(record["last"]).is_file():
             print(f"{name}: done before ({record_path})")
             return record
     print(f"\n== {name} ==", flush=True)
@@ -120,15 +129,16 @@ def _run(cfg: TrainConfig, name: str, arm: str | None = None, workers: int = 2) 
     summary = train(cfg)
     record = {"settings": settings, "last": summary["last"], "train_seconds": time.perf_counter() - started}
     if arm is not None:
-        report = evaluate(summary["last"], cfg.data, "valid", workers=workers, progress=False)
+        report = evaluate(summary["last"], cfg.data, "valid", workers=cfg.workers, progress=False)
         model, _ = model_from_checkpoint(summary["last"])
         with open(Path(cfg.output) / "log.csv", newline="") as f:
             speeds = [float(row["images_per_s"]) for row in csv.DictReader(f)]
+        speeds = speeds[1:] or speeds  # the first epoch also pays for warm-up (allocations, compilation)
         record.update(arm=arm, seed=cfg.seed, auc_macro=report["auc_macro"], auc_micro=report["auc_micro"],
                       auc_competition=report["auc_competition"],
                       roi_iou=(report.get("roi_iou") or {}).get("iou_mean"),
                       roi_iou_whole_image=(report.get("roi_iou") or {}).get("iou_whole_image"),
-                      params=sum(p.numel() for p in model.parameters()), images_per_s=statistics.mean(speeds))
+                      params=sum(p.numel() for p in model.parameters()), images_per_s=statistics.median(speeds))
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(record_path)  # atomic: a study killed here redoes this run, never reads half a record
@@ -149,9 +159,9 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _effect(runs: list[dict], arm: str, baseline: str) -> dict:
-    """``arm`` minus ``baseline``, seed by seed (the same seed: the same initialization draws and data
-    order), for each AUC: the mean difference, its spread over the seeds, and on how many seeds it was
-    positive."""
+    """``arm`` minus ``baseline``, seed by seed (the same seed: the same order of the training images;
+    initializations differ with the architectures), for each AUC: the mean difference, its spread over
+    the seeds, and on how many seeds it was positive."""
     by_seed = {(r["arm"], r["seed"]): r for r in runs}
     seeds = sorted(s for a, s in by_seed if a == arm and (baseline, s) in by_seed)
     effect = {"arm": arm, "baseline": baseline, "seeds": len(seeds)}
@@ -170,7 +180,7 @@ def _shown(stat: dict, digits: int = 3) -> str:
 
 def format_table(arms: dict) -> str:
     """The per-arm table (mean ± sample standard deviation over the seeds), in Markdown."""
-    lines = ["| arm | seeds | AUC macro | AUC micro | AUC competition | ROI IoU | parameters | train images/s |",
+    lines = ["| arm | seeds | AUC macro | AUC micro | AUC competition | ROI IoU | parameters | training images/s |",
              "|---|---|---|---|---|---|---|---|"]
     for arm, s in arms.items():
         params = "n/a" if s["params"]["mean"] is None else f"{s['params']['mean']:,.0f}"

@@ -8,6 +8,7 @@ Registered with timm as ``mxa_efficientvit_m0`` ... ``mxa_efficientvit_m5`` on `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Sequence
 
@@ -263,9 +264,10 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_em
     ``model``.
 
     The authors' checkpoints (Microsoft's Cream EfficientViT layout with ``mxa`` residuals, see
-    :func:`authors_state_dict`) load into a model built with ``fusion="authors"``, or
-    ``"authors-gate"`` for those with a per-block ``alpha``: with the project's own block their weights
-    would compute another function, so another fusion is refused.
+    :func:`authors_state_dict`) load into a model built to compute what theirs computed:
+    ``fusion="authors"`` (``"authors-gate"`` for those with a per-block ``alpha``), ``roi_mode="crop"``,
+    and ``distilled`` when they hold a distillation head; another model is refused. A Cream checkpoint
+    without MXA (Microsoft's EfficientViT) loads as timm's does.
 
     Checkpoints are read with ``weights_only=True`` (an ``argparse.Namespace`` of training arguments,
     as the authors' files hold, is allowed); a file holding ``model``/``state_dict`` and EMA
@@ -280,20 +282,16 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_em
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with _allowing_namespaces():
             state = load_state_dict(path, use_ema=use_ema)
     except Exception as exc:
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"checkpoint {path} does not hold a state_dict of tensors")
-    if any(key.startswith("blocks1.") for key in state):
+    if any(key.startswith("blocks1.") for key in state):  # Microsoft's Cream layout
         state = authors_state_dict(state)
-        wanted = "authors-gate" if any(key.endswith(".alpha") for key in state) else "authors"
-        fusion = model.stages[0].blocks[0].fusion
-        if fusion != wanted:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} holds the authors' model, whose block computes another function than "
-                f"fusion={fusion!r}: build the model with fusion={wanted!r} to run it")
+        if any(".mxa." in key for key in state):  # the authors' model, not a plain Cream EfficientViT
+            _check_fits_the_authors_model(model, state, path)
     target = model.state_dict()
     stem = "patch_embed.conv1.conv.weight"
     skipped = []
@@ -325,6 +323,27 @@ def load_pretrained_file(model: MXAEfficientVit, path: str | os.PathLike, use_em
                                       f"{len(keys)} {kind} ({', '.join(keys[:5])}, ...)")
     model.load_state_dict(state, strict=False)
     return {"missing": missing, "skipped": skipped}
+
+
+def _allowing_namespaces():
+    """A context in which ``weights_only`` loads accept ``argparse.Namespace`` (the training arguments
+    the authors' checkpoints hold); torch 2.4 has no such context, only a process-wide allowance."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
+def _check_fits_the_authors_model(model: MXAEfficientVit, state: dict, path: str) -> None:
+    """Refuse a model that would load the authors' weights but compute something else than their model."""
+    block = model.stages[0].blocks[0]
+    wanted = {"fusion": "authors-gate" if any(key.endswith(".alpha") for key in state) else "authors",
+              "roi_mode": "crop", "distilled": any(key.startswith("head_dist.") for key in state)}
+    have = {"fusion": block.fusion, "roi_mode": block.mxa.roi_mode, "distilled": model.distilled}
+    wrong = [f"{name}={wanted[name]!r}" for name in wanted if have[name] != wanted[name]]
+    if wrong:
+        raise CheckpointMismatchError(f"checkpoint {path} holds the authors' model, which this one would not "
+                                      f"compute: build it with {', '.join(wrong)} to run it")
 
 
 # the authors' blocksN.0 / .1 / .2 of stages 2 and 3: timm's downsampling parts

@@ -98,6 +98,10 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     kwargs = {"num_classes": num_classes, "in_chans": 1}
     if cfg.model.startswith("mxa_"):
         kwargs.update(img_size=cfg.img_size, roi_mode=cfg.roi_mode, distilled=cfg.teacher is not None)
+    elif cfg.model.startswith("efficientvit_m"):
+        # timm's EfficientViT (MSRA) sizes its attention windows for its img_size: at another size its maps
+        # would be padded to windows of the default's
+        kwargs.update(img_size=cfg.img_size)
     return kwargs
 
 
