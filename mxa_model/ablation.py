@@ -221,7 +221,7 @@ def plot_ablation(arms: dict, path: Path) -> None:
     ax.set_title(f"AUC per arm, mean and standard deviation over {n} seed(s)")
     low = min((arms[a][m]["mean"] for a in names for m, _ in metrics if arms[a][m]["mean"] is not None), default=0.5)
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncols=len(metrics))  # above the bars: the AUCs stay below 0.95
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

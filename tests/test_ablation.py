@@ -42,9 +42,12 @@ def test_spread_and_paired_effects_against_hand_computed_figures():
     assert effect["auc_macro"]["mean"] == pytest.approx(0.075) and effect["auc_macro"]["positive"] == 2
     assert effect["auc_macro"]["std"] == pytest.approx(statistics.stdev([0.10, 0.05]))
     assert effect["auc_micro"]["positive"] == 0 and effect["auc_competition"]["n"] == 0
-    assert "| a − b | 0.075 ± 0.035 (2/2 seeds > 0) | 0.000 ± 0.000 (0/2 seeds > 0) | n/a |" in format_effects([effect])
+    row = "| a − b | 0.075 ± 0.035 (2/2 seeds > 0) | 0.000 ± 0.000 (0/2 seeds > 0) | n/a |"
+    assert row in format_effects([effect])
 
 
-def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
+def test_unknown_or_repeated_arms_are_refused_before_anything_runs(tmp_path, capsys):
     assert cli.main(["ablate", "--output", str(tmp_path / "s"), "--arms", "plain,mxa-box"]) == 1
     assert "mxa-box" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert cli.main(["ablate", "--output", str(tmp_path / "s"), "--arms", "plain,plain"]) == 1
+    assert "named twice" in capsys.readouterr().err and not (tmp_path / "s").exists()

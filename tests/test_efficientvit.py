@@ -249,8 +249,8 @@ def test_every_parameter_gets_a_gradient_with_the_default_roi_mode():
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(roi_mode="crop", fusion="gate", distilled=True),
-                                    dict(fusion="authors-gate")])
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(roi_mode="crop", fusion="gate", distilled=True), dict(fusion="authors-gate")])
 def test_torchscript_runs_the_eager_references_and_matches_the_model(kwargs):
     """The scripted model (the whole-map cascade and the MXA branch with the ops' eager references)
     against the model (timm's windowed attention): 160x128 pads stage 1's 10x8 map to 2x2 windows."""
@@ -360,7 +360,12 @@ def test_authors_checkpoint_layout_loads_and_reproduces_the_model(tmp_path, fusi
     kwargs = dict(img_size=64, fusion=fusion, roi_mode="crop", distilled=True)
     source = _randomize(mxa_model.create_model("mxa_efficientvit_m0", **kwargs)).eval()
     theirs = _in_the_authors_layout(source.state_dict())
-    assert "blocks2.1.conv1.c.weight" in theirs and "blocks1.0.mxa.m.poi_predictor.0.weight" in theirs
+    # names of the authors' model as their code builds it (Cream's Conv2d_BN, Residual, FFN, PatchMerging)
+    assert {"patch_embed.6.c.weight", "blocks1.0.mxa.m.poi_predictor.0.weight", "blocks2.0.0.m.c.weight",
+            "blocks2.0.1.m.pw1.c.weight", "blocks2.1.conv1.c.weight", "blocks2.1.se.fc1.weight",
+            "blocks2.2.1.m.pw2.bn.running_var", "blocks2.3.mixer.m.attn.qkvs.0.c.weight",
+            "blocks3.5.mixer.m.attn.proj.1.c.weight", "blocks3.5.mxa.m.spatial_attention.0.weight",
+            "head.l.weight", "head_dist.bn.weight"} <= set(theirs)
     theirs["blocks1.0.mixer.m.attn.attention_bias_idxs"] = torch.zeros(49, 49, dtype=torch.long)
     torch.save({"model": theirs, "args": argparse.Namespace(lr=1e-3), "epoch": 49}, tmp_path / "authors.pth")
     model = mxa_model.create_model("mxa_efficientvit_m0", **kwargs, pretrained_file=str(tmp_path / "authors.pth"))
@@ -368,7 +373,17 @@ def test_authors_checkpoint_layout_loads_and_reproduces_the_model(tmp_path, fusi
     with torch.no_grad():
         assert torch.equal(model.eval()(x), source(x))
     other = "authors" if fusion == "authors-gate" else "authors-gate"
-    for wrong in ("sum", other):
-        with pytest.raises(CheckpointMismatchError, match=f"authors' model.*fusion='{fusion}'"):
-            mxa_model.create_model("mxa_efficientvit_m0", **dict(kwargs, fusion=wrong),
+    for wrong, fix in ((dict(fusion="sum"), f"fusion='{fusion}'"), (dict(fusion=other), f"fusion='{fusion}'"),
+                       (dict(roi_mode="align"), "roi_mode='crop'"), (dict(distilled=False), "distilled=True")):
+        with pytest.raises(CheckpointMismatchError, match=f"authors' model.*build it with {fix}"):
+            mxa_model.create_model("mxa_efficientvit_m0", **dict(kwargs, **wrong),
                                    pretrained_file=str(tmp_path / "authors.pth"))
+
+
+def test_a_cream_efficientvit_checkpoint_without_mxa_loads_its_backbone(tmp_path):
+    source = _randomize(timm.create_model("efficientvit_m0", in_chans=1, num_classes=14, img_size=64))
+    cream = _in_the_authors_layout(source.state_dict())
+    torch.save({"model": cream}, tmp_path / "cream.pth")
+    model = mxa_model.create_model("mxa_efficientvit_m0", img_size=64, pretrained_file=str(tmp_path / "cream.pth"))
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items() if k in mine)
