@@ -116,9 +116,10 @@ def _run(cfg: TrainConfig, name: str, depends: dict, arm: str | None = None) -> 
     """Train ``cfg`` (unless its result.json holds these settings and its checkpoint is there) and, for an
     arm, evaluate its last weights; the run's record."""
     record_path = Path(cfg.output) / "result.json"
-    # as result.json gives them back (lists, not tuples); neither progress bars nor loader processes
-    # change a result
-    settings = json.loads(json.dumps(dict(dataclasses.asdict(cfg), progress=None, workers=None, **depends)))
+    # as result.json gives them back (lists, not tuples); neither progress bars, loader processes nor the
+    # resume mode change a result (resume: the constant that records have held since it was a bool)
+    settings = json.loads(json.dumps(dict(dataclasses.asdict(cfg), progress=None, workers=None, resume=False,
+                                          **depends)))
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record["settings"] == settings and Path(record["last"]).is_file():

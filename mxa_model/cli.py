@@ -44,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, flags:
 
 def _flag_options(f: dataclasses.Field, hint, flag: str) -> dict:
     """argparse options of the flag of field ``f``: a bool is a switch (one that turns an on-by-default
-    setting off, when True is its default); ``X | None`` takes an X; ``tuple[str, ...]`` a comma list."""
+    setting off, when True is its default); ``X | None`` takes an X; ``tuple[str, ...]`` a comma list; a
+    field with a ``bare`` value takes its value optionally."""
     help = f.metadata["help"].replace("%", "%%")
     if f.default is dataclasses.MISSING:
         return dict(required=True, type=hint, help=help)
@@ -58,6 +59,9 @@ def _flag_options(f: dataclasses.Field, hint, flag: str) -> dict:
         kind = comma_list
     if options["choices"] is None:
         options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+    if f.metadata.get("bare") is not None:
+        options.update(nargs="?", const=f.metadata["bare"])
+        help = f"{help}; {flag} alone means {flag} {f.metadata['bare']}"
     shown = f.metadata.get("shown") or (",".join(f.default) if isinstance(f.default, tuple) else f.default)
     return dict(options, type=kind, help=f"{help} (default: {str(shown).replace('%', '%%')})")
 

@@ -50,6 +50,16 @@ def _source_tree_untouched():
                     + "\n".join(sorted(after - before)), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A CheXpert-format folder of 32 training and 12 validation images of 48 x 48 pixels (the embedded
+    data's generator, seed 2), for the fault and multi-process training tests."""
+    from mxa_model.data.synth import generate
+
+    return str(generate(tmp_path_factory.mktemp("synth"), n_train=32, n_valid=12, img_size=48, seed=2, workers=1,
+                        progress=False))
+
+
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
     """Fresh random seed and no backend selection leaking between tests."""

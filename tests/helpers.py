@@ -1,8 +1,9 @@
 """Helpers shared by the tests: the device, the relative error, the half-precision rule, the attention
-bias index, the MXA branch's output and gradients."""
+bias index, the MXA branch's output and gradients, and the comparison of two training states."""
 
 import itertools
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu
 # The least error a fused result is allowed in each dtype, whatever the eager error (see within_twice_eager),
 # in proportion to its rounding unit (bfloat16 keeps 8 bits, float16 11).
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# the script that runs `mxa train` with a fault planted (its docstring lists them)
+FAULT_INJECTION = Path(__file__).with_name("fault_injection.py")
 
 
 def rel_err(got, want):
@@ -51,3 +54,17 @@ def mxa_run(fn, x, boxes, weights, grad, roi_mode):
     out = fn(x, boxes, *weights, roi_mode)
     inputs = [x, *weights] + ([boxes] if roi_mode == "align" else [])
     return [out, *torch.autograd.grad(out, inputs, grad)]
+
+
+def assert_same_training_state(got: dict, want: dict) -> None:
+    """Two training states (checkpoints, or the per-rank files of fault_injection.py) hold bit-identical
+    weights, EMA weights and optimizer state, at the same epoch and step."""
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
+    for part in ("model", "model_ema"):
+        assert (got[part] is None) == (want[part] is None), part
+        for key, value in (want[part] or {}).items():
+            assert torch.equal(got[part][key], value), f"{part} {key}"
+    assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+    for slot, state in want["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(got["optimizer"]["state"][slot][name], value), f"optimizer {slot} {name}"

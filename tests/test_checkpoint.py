@@ -24,12 +24,12 @@ class Payload:
 
 def test_round_trip_and_rng_state(tmp_path):
     torch.manual_seed(3)
-    state = {"model": {"w": torch.randn(3)}, "epoch": 2, "rng": ckpt.rng_state()}
+    state = {"model": {"w": torch.randn(3)}, "epoch": 2, "rng": ckpt.rng_state(torch.device("cpu"))}
     path = ckpt.save_checkpoint(tmp_path / "last.pt", state)
     expected = (random.random(), np.random.rand(), torch.rand(2))
     loaded = ckpt.load_checkpoint(path)
     torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
-    ckpt.set_rng_state(loaded["rng"])
+    ckpt.set_rng_state(loaded["rng"], torch.device("cpu"))
     assert (random.random(), np.random.rand()) == expected[:2]
     torch.testing.assert_close(torch.rand(2), expected[2])
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left

@@ -196,7 +196,7 @@ def test_train_flags_keep_their_spellings():
                                           "--channels-last", "--resume", "--workers", "0", "--teacher", "t.pt"])
     cfg = cli.config_from_args(TrainConfig, args)
     assert (cfg.max_steps_per_epoch, cfg.progress, cfg.views) == (3, False, ("frontal", "lateral"))
-    assert (cfg.clip_grad, cfg.ema_decay, cfg.channels_last, cfg.resume, cfg.workers) == (1.0, 0.9, True, True, 0)
+    assert (cfg.clip_grad, cfg.ema_decay, cfg.channels_last, cfg.resume, cfg.workers) == (1.0, 0.9, True, "last", 0)
     assert cfg.teacher == "t.pt" and TrainConfig("d", "o").workers == 2  # the one workers default, CLI and API
     demo = cli.config_from_args(DemoConfig, cli.build_parser().parse_args(["demo", "--epochs", "2", "--model", "m",
                                                                            "--augment", "0", "--quiet"]))

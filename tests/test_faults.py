@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import FAULT_INJECTION, assert_same_training_state
 from mxa_model import cli
 from mxa_model.data import CheXpertDataset
-from mxa_model.data.synth import generate
 from mxa_model.train import checkpoint as ckpt
 from mxa_model.train import loop
 from mxa_model.train.config import TrainConfig
@@ -25,10 +25,9 @@ from mxa_model.train.loop import train
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return str(generate(tmp_path_factory.mktemp("synth"), n_train=32, n_valid=12, img_size=48, seed=2,
-                        workers=1, progress=False))
+@pytest.fixture
+def data(small_data):
+    return small_data
 
 
 def train_args(data, output):
@@ -37,58 +36,11 @@ def train_args(data, output):
             "--ema-decay", "0.9", "--clip-grad", "1.0", "--quiet"]
 
 
-# Runs `mxa train` in a fresh process that SIGKILLs itself at the Nth call of a hook: the loss (a
-# training step) or torch.save (a checkpoint write, cut off halfway through the file).
-KILLER = """
-import os, signal, sys
-import torch
-from mxa_model import cli
-from mxa_model.train import loop
-
-hook, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-calls = []
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if hook == "step":
-    real_loss = loop.supervised_loss
-    def loss(*args):
-        calls.append(1)
-        if len(calls) == n:
-            die()
-        return real_loss(*args)
-    loop.supervised_loss = loss
-elif hook == "save":
-    real_save = torch.save
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        real_save(obj, f, *args, **kwargs)
-        if len(calls) == n:
-            f.flush()
-            f.truncate(f.tell() // 2)
-            os.fsync(f.fileno())
-            die()
-    torch.save = save
-sys.exit(cli.main(argv))
-"""
-
-
-def run_train(hook: str, n: int, argv: list[str]) -> subprocess.CompletedProcess:
+def run_train(fault: str, n: int, argv: list[str]) -> subprocess.CompletedProcess:
+    """``mxa train argv`` in a fresh process, with ``fault`` planted at its Nth occasion (fault_injection.py)."""
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")  # one thread: the same arithmetic every run
-    return subprocess.run([sys.executable, "-c", KILLER, hook, str(n), *argv], env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def assert_same_weights(got: Path, want: Path) -> None:
-    a, b = ckpt.load_checkpoint(got), ckpt.load_checkpoint(want)
-    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
-    for part in ("model", "model_ema"):
-        for key, value in b[part].items():
-            assert torch.equal(a[part][key], value), f"{part} {key}"
-    for slot, state in b["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(a["optimizer"]["state"][slot][name], value), f"optimizer {slot} {name}"
+    return subprocess.run([sys.executable, str(FAULT_INJECTION), fault, str(n), "0", *argv], env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -96,18 +48,19 @@ def test_sigkill_mid_training_or_mid_checkpoint_write_then_resume_gives_the_same
     whole = tmp_path / "whole"
     done = run_train("none", 0, train_args(data, whole))
     assert done.returncode == 0, done.stderr[-2000:]
-    for hook, n in (("step", 4), ("save", 3)):  # step 2 of epoch 2; epoch 2's last.pt (after epoch 1's last and best)
+    for hook, n in (("step", 4), ("save-last", 2)):  # step 2 of epoch 2; epoch 2's last.pt
         out = tmp_path / hook
         killed = run_train(hook, n, train_args(data, out))
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert ckpt.load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
-        if hook == "save":
+        if hook == "save-last":
             assert list(out.glob(".last.pt.*.tmp"))  # the cut-off write, never renamed over last.pt
         resumed = run_train("none", 0, [*train_args(data, out), "--resume"])
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resumed from" in resumed.stdout
         assert not list(out.glob(".*.tmp"))  # the leftover was removed
-        assert_same_weights(out / "last.pt", whole / "last.pt")
+        for name in ("last.pt", "best.pt"):
+            assert_same_training_state(ckpt.load_checkpoint(out / name), ckpt.load_checkpoint(whole / name))
         log = list(csv.DictReader((out / "log.csv").open()))
         assert [row["epoch"] for row in log] == ["1", "2", "3"]  # numbered as the console numbers them
 

@@ -71,9 +71,13 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train(config(data, broken))
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(broken / "last.pt")["epoch"] == 0
+    state = ckpt.load_checkpoint(broken / "last.pt")
+    assert state["epoch"] == 0 and state["world_size"] == 1
+    # as a checkpoint from before per-process random states held them: one dict, no process count
+    del state["world_size"]
+    ckpt.save_checkpoint(broken / "last.pt", dict(state, rng=state["rng"][0]))
     capsys.readouterr()
-    train(config(data, broken, resume=True))
+    train(config(data, broken, resume="last"))
     assert console_epochs(capsys.readouterr().out) == [2]
     want, got = ckpt.load_checkpoint(whole / "last.pt"), ckpt.load_checkpoint(broken / "last.pt")
     for part in ("model", "model_ema"):
@@ -92,9 +96,41 @@ def test_a_log_written_from_epoch_0_is_renumbered_on_resume(tmp_path):
 def test_resume_refuses_another_model_or_schedule(data, tmp_path):
     train(config(data, tmp_path, epochs=1))
     with pytest.raises(ckpt.CheckpointError, match="use another --output"):
-        train(config(data, tmp_path, epochs=1, model="mxa_efficientvit_m1", resume=True))
+        train(config(data, tmp_path, epochs=1, model="mxa_efficientvit_m1", resume="last"))
     with pytest.raises(ckpt.CheckpointError, match=r"other settings \(epochs 1 -> 3, lr 0.001 -> 0.002\)"):
-        train(config(data, tmp_path, epochs=3, lr=2e-3, resume=True))
+        train(config(data, tmp_path, epochs=3, lr=2e-3, resume="last"))
+    # a checkpoint of a 2-process run: its data shares, steps per epoch and random states were those of 2
+    state = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
+    ckpt.save_checkpoint(tmp_path / "last.pt", dict(state, world_size=2, rng=state["rng"] * 2))
+    with pytest.raises(ckpt.CheckpointError, match=r"written by 2 process\(es\), this run has 1; resume with 2"):
+        train(config(data, tmp_path, epochs=1, resume="auto"))
+
+
+def test_resume_last_needs_a_checkpoint_and_resume_auto_starts_afresh_without_one(data, tmp_path, capsys):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at .*last.pt to continue from"):
+        train(config(data, tmp_path / "last", epochs=1, max_steps_per_epoch=1, resume="last"))
+    assert not (tmp_path / "last" / "log.csv").exists()
+    train(config(data, tmp_path / "auto", epochs=1, max_steps_per_epoch=1, resume="auto"))
+    assert "--resume auto: no checkpoint at" in capsys.readouterr().out
+    assert ckpt.load_checkpoint(tmp_path / "auto" / "last.pt")["step"] == 1
+    with pytest.raises(ValueError, match="--resume must be one of last, auto"):
+        config(data, tmp_path, resume="yes").check()
+
+
+def test_processes_that_find_different_checkpoints_stop_naming_them(data, tmp_path, monkeypatch):
+    """Multi-node runs resume from one shared --output: a process (node) whose folder holds another
+    checkpoint, or none, or that does not see rank 0's files there, stops every process instead of
+    training from another epoch. The processes' findings are stood in for by a patched gather (the
+    2-process runs are tests/test_elastic.py's)."""
+    train(config(data, tmp_path, epochs=1, max_steps_per_epoch=1))
+    for other, named in (((True, "none"), "none"), ((False, "none"), "another folder")):
+        # the gathers of _find_checkpoint: rank 0's marker name, then what each process sees and finds
+        monkeypatch.setattr(loop.distributed, "all_gather_objects",
+                            lambda ctx, obj: [obj, other] if isinstance(obj, tuple) else [obj])
+        with pytest.raises(ckpt.CheckpointError, match=rf"different checkpoints at .*last.pt \(process\(es\) 0: "
+                           rf"epoch 1's \(step 1\); process\(es\) 1: {named}\); --output must be a folder that every node"):
+            train(config(data, tmp_path, epochs=1, max_steps_per_epoch=1, resume="auto"))
 
 
 def test_distillation_from_a_teacher_checkpoint(data, tmp_path):
@@ -177,3 +213,20 @@ def test_compiled_training_on_the_triton_backend_has_no_graph_break_and_eagers_l
     eager_loss = run(tmp_path / "eager", "--backend", "eager")
     assert graph_breaks == {} and graphs == 1
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+
+
+def test_restart_warnings_name_what_would_break_a_torchrun_restart(monkeypatch):
+    from mxa_model.train.distributed import restart_warnings
+
+    for name in ("TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    assert restart_warnings(None) == []  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert restart_warnings(None) == []  # torchrun without restarts
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    shared, afresh = restart_warnings(None)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared and "without --resume auto" in afresh
+    assert "starts afresh" in afresh and "fails when there is no checkpoint" in restart_warnings("last")[1]
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert restart_warnings("auto") == []

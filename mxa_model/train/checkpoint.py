@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain Python values (no pickled objects): the model's name and
 construction arguments (so that ``mxa eval`` and ``mxa predict`` rebuild it), its weights, and for
-``--resume`` the optimizer, scheduler, gradient scaler, EMA weights, epoch and every RNG state.
+``--resume`` the optimizer, scheduler, gradient scaler, EMA weights, epoch, the number of processes and
+every process's RNG states.
 """
 
 from __future__ import annotations
@@ -110,24 +111,33 @@ def model_from_checkpoint(path: str | os.PathLike, expect: str | None = None) ->
     return model, state
 
 
-def rng_state() -> dict:
-    """Every RNG a training run draws from, as tensors and plain values."""
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (Python, NumPy, torch's CPU generator and, on a GPU, ``device``'s), as
+    tensors and plain values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore the states :func:`rng_state` returned (the GPU's into ``device``)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, list):  # a checkpoint from before per-process states held every visible GPU's
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 __all__ = ["CheckpointError", "build_model", "load_checkpoint", "model_from_checkpoint", "rng_state",

@@ -16,15 +16,21 @@ from ..data.chexpert import ON_ERROR, UNCERTAINTY_POLICIES
 from .losses import DISTILL_TYPES
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# --resume (or --resume last): continue from OUTPUT/last.pt, which must exist; --resume auto: from it if
+# there is one, else afresh (the same command serves the first launch and every torchrun restart)
+RESUME_MODES = ("last", "auto")
 CLIP_MODES = ("norm", "agc", "value")
 BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or skip: check every image up front, "
                  "leave the bad ones out and count them")
 
 
-def setting(default=dataclasses.MISSING, help: str = "", choices: tuple | None = None, shown: str | None = None):
+def setting(default=dataclasses.MISSING, help: str = "", choices: tuple | None = None, shown: str | None = None,
+            bare=None):
     """A dataclass field that is also a command-line flag: ``help`` describes it, ``choices`` limit it,
-    ``shown`` is how ``--help`` names its default when the value itself says little (None)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "shown": shown})
+    ``shown`` is how ``--help`` names its default when the value itself says little (None), ``bare`` is
+    the value of the flag given without one (None: the flag needs a value)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "shown": shown,
+                                                        "bare": bare})
 
 
 @dataclass
@@ -63,7 +69,9 @@ class TrainConfig:
                           f"'ones,Cardiomegaly=zeros'; policies: {', '.join(UNCERTAINTY_POLICIES)}")
     views: tuple[str, ...] = setting(("frontal",), "frontal, lateral or frontal,lateral")
     augment: float = setting(1.0, "augmentation strength, 0 = off")
-    resume: bool = setting(False, "continue from OUTPUT/last.pt")
+    resume: str | None = setting(None, "continue from OUTPUT/last.pt (an error if there is none); auto: from it "
+                                 "if there is one, else start afresh, as under torchrun --max-restarts",
+                                 RESUME_MODES, shown="off", bare="last")
     device: str | None = setting(None, "torch device", shown="cuda if available")
     progress: bool = setting(True, "progress bars")
     max_steps_per_epoch: int | None = setting(None, "at most this many steps per epoch (tests, smoke runs)",
@@ -74,6 +82,10 @@ class TrainConfig:
     on_nonfinite: str = setting("raise", "a batch whose loss is NaN or Inf: stop naming the batch and its files, "
                                 "or skip it (no step) and count it in log.csv", ON_ERROR)
 
+    def __post_init__(self):
+        if isinstance(self.resume, bool):  # the field's type before --resume took a mode
+            self.resume = "last" if self.resume else None
+
     def check(self) -> None:
         if self.distill_type not in DISTILL_TYPES:
             raise ValueError(f"--distill-type must be one of {', '.join(DISTILL_TYPES)}, got {self.distill_type!r}")
@@ -82,6 +94,8 @@ class TrainConfig:
         for name in ("on_bad_data", "on_nonfinite"):
             if getattr(self, name) not in ON_ERROR:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_ERROR)}, got {getattr(self, name)!r}")
+        if self.resume not in (None, *RESUME_MODES):
+            raise ValueError(f"--resume must be one of {', '.join(RESUME_MODES)} (or given alone), got {self.resume!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
         for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):

@@ -46,16 +46,41 @@ def setup(device: str | None = None) -> Context:
     return Context(rank=rank, world_size=world_size, device=device)
 
 
+def restart_warnings(resume: str | None) -> list[str]:
+    """What is amiss for ``torchrun --max-restarts N`` (restarts allowed) in this process's environment."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return []
+    found = []
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # the agent's store outlives an attempt and keeps its workers' addresses, which a restarted worker
+        # may read and connect to (seen with PyTorch 2.14's gloo workers: the restart hung)
+        found.append("torchrun lends its rendezvous store to the workers, where a restarted worker can find the "
+                     "previous attempt's addresses and fail to connect: run torchrun with "
+                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
+    if resume != "auto":
+        found.append("torchrun --max-restarts restarts this command as it was given: without --resume auto a "
+                     "restarted run " + ("fails when there is no checkpoint yet" if resume else "starts afresh"))
+    return found
+
+
 def teardown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
+def all_gather_objects(ctx: Context, obj) -> list:
+    """Every rank's ``obj`` (a picklable value), indexed by rank, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def gather_by_index(ctx: Context, index: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """All ranks' rows, each sample once, ordered by ``index`` (the sampler's padding repeats samples)."""
     if ctx.distributed:
-        gathered = [None] * ctx.world_size
-        dist.all_gather_object(gathered, [t.cpu() for t in (index, *columns)])
+        gathered = all_gather_objects(ctx, [t.cpu() for t in (index, *columns)])
         index, *columns = (torch.cat(parts) for parts in zip(*gathered))
     order = torch.argsort(index, stable=True)
     index = index[order]

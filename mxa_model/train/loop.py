@@ -1,11 +1,13 @@
 """The trainer: supervised training (a student, or the DenseNet-121 teacher) and knowledge distillation
 into an MXA student, with checkpoints each epoch and an exact ``--resume``.
 
-Each epoch draws its shuffle order (and its data workers' seeds) from a generator seeded by (seed,
-epoch), and the checkpoint written at its end holds every RNG state, so a single-process run
-interrupted at any point and resumed from its last checkpoint ends with the same weights as an
-uninterrupted run (deterministic CPU run). Under DDP each rank seeds its own augmentations; a resumed
-DDP run restores rank 0's states only.
+Each epoch draws its shuffle order (and its data workers' seeds) from generators seeded by (seed, epoch,
+rank), so the data order has no state to save; the checkpoint written at an epoch's end holds every
+process's RNG states (Python, NumPy, torch's CPU and GPU generators, from which augmentations in the
+main process draw). A run interrupted at any point, even one process of a ``torchrun`` job, and resumed
+from its last checkpoint with as many processes ends with the same weights as an uninterrupted run
+(deterministic CPU run); under ``torchrun --max-restarts N``, ``--resume auto`` makes every restart
+resume by itself.
 
 A run goes through phases that share one :class:`Run`: the data (:func:`_load_data`), the model and
 optimizer (:func:`_build_run`, then :func:`_wrap_for_steps` once the resume has loaded the weights),
@@ -19,7 +21,10 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +157,12 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the training ``cfg`` describes; returns the summary also written to ``OUTPUT/summary.json``."""
+    """Run the training ``cfg`` describes; returns the summary also written to ``OUTPUT/summary.json`` (on the
+    main process; {} on the others and when no epoch was left to run)."""
     cfg.check()
+    if os.environ.get("RANK", "0") == "0":  # before joining the process group, where a restart could hang
+        for warning in distributed.restart_warnings(cfg.resume):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx)
@@ -185,7 +194,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         summary = _write_epoch(run, epoch, started, stats, report, ema_report)
     if run.tensorboard is not None:
         run.tensorboard.close()
-    if ctx.main and summary:
+    if not ctx.main:
+        return {}
+    if summary:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -260,15 +271,11 @@ def _wrap_for_steps(run: Run) -> None:
 
 
 def _resume_from_checkpoint(run: Run) -> None:
-    """The resume phase (``--resume``): model, EMA, optimizer, schedule, scaler, counters and (main process)
+    """The resume phase (``--resume``): model, EMA, optimizer, schedule, scaler, counters and this process's
     RNG states from ``OUTPUT/last.pt``, and the log rows of the epochs it holds."""
-    cfg, last = run.cfg, run.last_path
-    if cfg.resume and run.ctx.main:
-        for stale in run.out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
-            stale.unlink(missing_ok=True)
-            run.say(f"removed {stale}, the partial checkpoint write of the run that was stopped")
-    if cfg.resume and last.exists():
-        checkpoint = load_checkpoint(last)
+    cfg, ctx, last = run.cfg, run.ctx, run.last_path
+    checkpoint = _find_checkpoint(run) if cfg.resume else None
+    if checkpoint is not None:
         _check_resumable(run, checkpoint)
         load_weights(run.model, checkpoint["model"], last, cfg.model)
         if run.ema is not None:
@@ -277,15 +284,56 @@ def _resume_from_checkpoint(run: Run) -> None:
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.scaler.load_state_dict(checkpoint["scaler"])
         run.start_epoch, run.best_score, run.step = checkpoint["epoch"] + 1, checkpoint["best_auc"], checkpoint["step"]
-        if run.ctx.main:
-            set_rng_state(checkpoint["rng"])
+        states = checkpoint["rng"]
+        states = [states] if isinstance(states, dict) else states  # before per-process states: the main one's
+        if ctx.rank < len(states):
+            set_rng_state(states[ctx.rank], ctx.device)
         run.say(f"resumed from {last}: epoch {checkpoint['epoch'] + 1} of {cfg.epochs} done")
-    elif cfg.resume:
-        run.say(f"--resume: no checkpoint at {last} yet, starting afresh")
     if run.start_epoch >= cfg.epochs:
         run.say(f"nothing to do: all {cfg.epochs} epochs of {run.out} are done")
     # start_epoch epochs are done, and log.csv numbers them 1..start_epoch
     run.log_rows = _read_log(run.log_path, run.start_epoch) if run.ctx.main else []
+
+
+def _find_checkpoint(run: Run) -> dict | None:
+    """``OUTPUT/last.pt`` for ``--resume``, read by every process; None where ``--resume auto`` starts
+    afresh. Every process must see the same folder (one that all nodes share) and find the same
+    checkpoint; all of them stop together, with the same error, where one does not."""
+    cfg, ctx, last = run.cfg, run.ctx, run.last_path
+    if ctx.main:
+        for stale in run.out.glob(".*.pt.*.tmp"):  # a checkpoint write cut off by a killed process: never read
+            stale.unlink(missing_ok=True)
+            run.say(f"removed {stale}, the partial checkpoint write of the run that was stopped")
+    # a file only rank 0 writes: a process that does not see it has another folder at that path
+    marker = run.out / f".shared-{distributed.all_gather_objects(ctx, uuid.uuid4().hex)[0]}"
+    if ctx.distributed and ctx.main:
+        marker.touch()
+    distributed.barrier(ctx)
+    checkpoint, found = None, "none"
+    try:
+        if last.exists():
+            checkpoint = load_checkpoint(last)
+            found = f"epoch {checkpoint['epoch'] + 1}'s (step {checkpoint['step']})"
+    except CheckpointError as exc:  # every process reports it rather than leave the others waiting
+        found = str(exc)
+    sees = distributed.all_gather_objects(ctx, (not ctx.distributed or marker.exists(), found))
+    if ctx.main:
+        marker.unlink(missing_ok=True)
+    by_find = {}
+    for rank, (shared, find) in enumerate(sees):
+        by_find.setdefault(find if shared else "another folder", []).append(str(rank))
+    if len(by_find) > 1:
+        seen = "; ".join(f"process(es) {', '.join(ranks)}: {find}" for find, ranks in by_find.items())
+        raise CheckpointError(f"--resume: the processes find different checkpoints at {last} ({seen}); "
+                              "--output must be a folder that every node shares")
+    if checkpoint is None and found != "none":
+        raise CheckpointError(found)
+    if checkpoint is None:
+        if cfg.resume == "last":
+            raise CheckpointError(f"--resume: no checkpoint at {last} to continue from (--resume auto starts "
+                                  "afresh when there is none)")
+        run.say(f"--resume auto: no checkpoint at {last} yet, starting afresh")
+    return checkpoint
 
 
 def _check_resumable(run: Run, checkpoint: dict) -> None:
@@ -294,6 +342,12 @@ def _check_resumable(run: Run, checkpoint: dict) -> None:
     if checkpoint["model_name"] != cfg.model or checkpoint["model_kwargs"] != run.model_kwargs:
         raise CheckpointError(f"{last} holds a {checkpoint['model_name']} {checkpoint['model_kwargs']} run, "
                               f"not this {cfg.model} {run.model_kwargs} one: use another --output")
+    # each process's data share, the steps per epoch (and so the schedule) and random states depend on it
+    processes = checkpoint.get("world_size", run.ctx.world_size)  # a checkpoint that predates the count: unchecked
+    if processes != run.ctx.world_size:
+        raise CheckpointError(f"--resume: {last} was written by {processes} process(es), this run has "
+                              f"{run.ctx.world_size}; resume with {processes} (torchrun --nnodes, "
+                              "--nproc-per-node), or use another --output")
     written_with = checkpoint["config"]
     # a setting that a checkpoint predates had its default then
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -410,6 +464,7 @@ def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report
     is_best = score > run.best_score or not run.best_path.exists()
     run.best_score = max(run.best_score, score)
     save_error, row = None, None
+    rng = distributed.all_gather_objects(ctx, rng_state(ctx.device))  # every process's, for an exact resume
     if ctx.main:
         # the log row first: a crash before the checkpoint lands leaves a row that resume drops
         row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats.train_loss,
@@ -420,7 +475,7 @@ def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report
                "seconds": time.perf_counter() - started}
         run.log_rows.append(row)
         _write_log(run.log_path, run.log_rows)
-        save_error = _save_checkpoints(run, epoch, used, is_best)
+        save_error = _save_checkpoints(run, epoch, used, is_best, rng)
     if not distributed.broadcast_flag(ctx, save_error is None):  # every rank stops, none waits
         raise save_error or CheckpointError(f"rank 0 could not write its checkpoint in {run.out}")
     if ctx.main:
@@ -431,20 +486,24 @@ def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report
             "valid": used}
 
 
-def _save_checkpoints(run: Run, epoch: int, used: dict, is_best: bool) -> CheckpointError | None:
-    """Write ``last.pt`` (and ``best.pt``) atomically; the error, if one could not be written."""
+def _save_checkpoints(run: Run, epoch: int, used: dict, is_best: bool, rng: list[dict]) -> CheckpointError | None:
+    """Write ``best.pt`` (when the epoch is the best) and ``last.pt`` atomically; the error, if one could not
+    be written. ``rng``: every process's RNG states, by rank."""
     snapshot = {
         "model_name": run.cfg.model, "model_kwargs": run.model_kwargs, "labels": run.data.labels,
         "model": run.model.state_dict(), "model_ema": run.ema.module.state_dict() if run.ema is not None else None,
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step, "best_auc": run.best_score,
-        "rng": rng_state(), "config": json.loads(json.dumps(dataclasses.asdict(run.cfg), default=str)),
+        "world_size": run.ctx.world_size, "rng": rng,
+        "config": json.loads(json.dumps(dataclasses.asdict(run.cfg), default=str)),
         "valid": {k: used[k] for k in ("auc_per_label", "auc_macro", "auc_micro", "auc_competition")},
     }
     try:
-        save_checkpoint(run.last_path, snapshot)
+        # best.pt first: a process killed between the two writes resumes from the previous last.pt and
+        # redoes the epoch; the other order would resume past an epoch whose best.pt was never written
         if is_best:
             save_checkpoint(run.best_path, snapshot)
+        save_checkpoint(run.last_path, snapshot)
     except CheckpointError as exc:
         return exc
     return None

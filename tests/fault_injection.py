@@ -1,0 +1,105 @@
+"""Runs ``mxa train`` with a fault planted in one process, for tests/test_faults.py and tests/test_elastic.py:
+
+    python fault_injection.py FAULT N RANK MXA-TRAIN-ARGUMENTS...
+
+run as it is (one process) or by ``torchrun`` (each worker runs it). The fault strikes in the process of
+rank RANK only, and only in the first launch (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that a
+restarted worker runs clean:
+
+- ``step``: SIGKILL at the Nth loss the process computes (a training step);
+- ``save-last``, ``save-best``: SIGKILL in the Nth write of ``last.pt`` (``best.pt``), after cutting the
+  temporary file to half its bytes;
+- ``nan``: the Nth training image the process loads holds a NaN;
+- ``none``: no fault.
+
+When the fault strikes, the process first writes ``OUTPUT/fault-struck``. Every process also writes its
+weights, EMA, optimizer state, epoch and step count after each epoch, to ``OUTPUT/rank-R.pt``, so that the
+ranks of one run can be compared with each other.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from mxa_model import cli
+from mxa_model.data import CheXpertDataset
+from mxa_model.train import loop
+
+fault, n, rank, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+this_rank = int(os.environ.get("RANK", "0"))
+armed = this_rank == rank and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+calls = []
+save_whole = torch.save  # the per-rank files below are written whatever the fault
+
+
+def strikes() -> bool:
+    """Counts a call; whether it is the Nth (in the armed process), which leaves OUTPUT/fault-struck."""
+    calls.append(1)
+    if not (armed and len(calls) == n):
+        return False
+    Path(argv[argv.index("--output") + 1], "fault-struck").write_text(f"{fault} {n} {rank}\n")
+    return True
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if fault == "step":
+    real_loss = loop.supervised_loss
+
+    def loss(*args):
+        if strikes():
+            die()
+        return real_loss(*args)
+    loop.supervised_loss = loss
+elif fault in ("save-last", "save-best"):
+    prefix = "." + fault.removeprefix("save-") + ".pt."
+    real_save = torch.save
+
+    def written_file(f) -> str:
+        """The name of the file torch.save writes into ("" for a path or an in-memory buffer)."""
+        try:
+            return Path(os.readlink(f"/proc/self/fd/{f.fileno()}")).name
+        except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+            return ""
+
+    def save(obj, f, *args, **kwargs):
+        # the temporary file save_checkpoint writes into is named .last.pt.XXXX.tmp (or .best.pt...)
+        counted = written_file(f).startswith(prefix)
+        real_save(obj, f, *args, **kwargs)
+        if counted and strikes():
+            f.flush()
+            f.truncate(f.tell() // 2)
+            os.fsync(f.fileno())
+            die()
+    torch.save = save
+elif fault == "nan":
+    real_getitem = CheXpertDataset.__getitem__
+
+    def getitem(self, index):
+        image, target, mask, i = real_getitem(self, index)
+        if self.csv_path.name == "train.csv" and strikes():
+            image = image.clone()
+            image[0, 3, 3] = float("nan")
+        return image, target, mask, i
+    CheXpertDataset.__getitem__ = getitem
+elif fault != "none":
+    sys.exit(f"unknown fault {fault!r}")
+
+real_write_epoch = loop._write_epoch
+
+
+def write_epoch(run, epoch, *args):
+    summary = real_write_epoch(run, epoch, *args)
+    ema = run.ema.module.state_dict() if run.ema is not None else None
+    save_whole({"model": run.model.state_dict(), "model_ema": ema, "optimizer": run.optimizer.state_dict(),
+                "epoch": epoch, "step": run.step}, run.out / f"rank-{run.ctx.rank}.pt")
+    return summary
+
+
+loop._write_epoch = write_epoch
+sys.exit(cli.main(argv))
