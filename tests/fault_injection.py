@@ -32,7 +32,7 @@ fault, n, rank, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv
 this_rank = int(os.environ.get("RANK", "0"))
 armed = this_rank == rank and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 calls = []
-save_whole = torch.save  # the per-rank files below are written whatever the fault
+real_save = torch.save  # the per-rank files below are written with it whatever the fault
 
 
 def strikes() -> bool:
@@ -58,7 +58,6 @@ if fault == "step":
     loop.supervised_loss = loss
 elif fault in ("save-last", "save-best"):
     prefix = "." + fault.removeprefix("save-") + ".pt."
-    real_save = torch.save
 
     def written_file(f) -> str:
         """The name of the file torch.save writes into ("" for a path or an in-memory buffer)."""
@@ -96,7 +95,7 @@ real_write_epoch = loop._write_epoch
 def write_epoch(run, epoch, *args):
     summary = real_write_epoch(run, epoch, *args)
     ema = run.ema.module.state_dict() if run.ema is not None else None
-    save_whole({"model": run.model.state_dict(), "model_ema": ema, "optimizer": run.optimizer.state_dict(),
+    real_save({"model": run.model.state_dict(), "model_ema": ema, "optimizer": run.optimizer.state_dict(),
                 "epoch": epoch, "step": run.step}, run.out / f"rank-{run.ctx.rank}.pt")
     return summary
 
