@@ -1,6 +1,6 @@
 """Runs ``mxa train`` with a fault planted in one process, for tests/test_faults.py and tests/test_elastic.py:
 
-    python fault_injection.py FAULT N RANK MXA-TRAIN-ARGUMENTS...
+    python fault_injection.py [--best-every-epoch] FAULT N RANK MXA-TRAIN-ARGUMENTS...
 
 run as it is (one process) or by ``torchrun`` (each worker runs it). The fault strikes in the process of
 rank RANK only, and only in the first launch (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that a
@@ -12,11 +12,16 @@ restarted worker runs clean:
 - ``nan``: the Nth training image the process loads holds a NaN;
 - ``none``: no fault.
 
+With ``--best-every-epoch`` every epoch counts as the best so far, so that ``best.pt`` is written at every
+epoch whatever the validation AUC does: a test whose fault strikes in a ``best.pt`` write then takes the
+same path on any CPU (the AUC's digits, and so which epochs improve, differ between processors).
+
 When the fault strikes, the process first writes ``OUTPUT/fault-struck``. Every process also writes its
 weights, EMA, optimizer state, epoch and step count after each epoch, to ``OUTPUT/rank-R.pt``, so that the
 ranks of one run can be compared with each other.
 """
 
+import math
 import os
 import signal
 import sys
@@ -28,7 +33,9 @@ from mxa_model import cli
 from mxa_model.data import CheXpertDataset
 from mxa_model.train import loop
 
-fault, n, rank, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+args = sys.argv[1:]
+best_every_epoch = args[:1] == ["--best-every-epoch"]
+fault, n, rank, argv = (args := args[best_every_epoch:])[0], int(args[1]), int(args[2]), args[3:]
 this_rank = int(os.environ.get("RANK", "0"))
 armed = this_rank == rank and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 calls = []
@@ -93,6 +100,8 @@ real_write_epoch = loop._write_epoch
 
 
 def write_epoch(run, epoch, *args):
+    if best_every_epoch:
+        run.best_score = -math.inf  # any finite AUC beats it
     summary = real_write_epoch(run, epoch, *args)
     ema = run.ema.module.state_dict() if run.ema is not None else None
     real_save({"model": run.model.state_dict(), "model_ema": ema, "optimizer": run.optimizer.state_dict(),

@@ -184,9 +184,11 @@ def test_the_model_at_inference_equals_eager(monkeypatch):
     model = model.to(DEVICE).eval()
     x = torch.randn(2, 1, 64, 64, device=DEVICE)
     with torch.no_grad():
-        model.set_backend("eager")
-        want = model(x)
         model.set_backend("triton")
         got = model(x)
+        model.set_backend("eager")
+        exact = model.double()(x.double())
     assert len(calls) == sum(isinstance(m, FusedLocalWindowAttention) for m in model.modules())
-    assert rel_err(got, want) < 1e-6
+    # against the float64 model: 2.7e-7 to 4.1e-7 here (eager float32's own error 1.6e-7 to 2.1e-7), so
+    # the limit leaves room for another processor's float32 rounding, not for a wrong block
+    assert rel_err(got, exact) < 1e-5

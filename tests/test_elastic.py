@@ -21,12 +21,13 @@ EPOCHS, STEPS = 3, 3
 def torchrun(fault: str, n: int, rank: int, data: str, output, *extra: str) -> subprocess.CompletedProcess:
     """``mxa train --resume auto`` in 2 processes under ``torchrun --standalone --max-restarts 1``, the
     README's command, with ``fault`` planted at the Nth occasion in process ``rank`` (fault_injection.py).
-    Augmentations draw from each process's torch generator (no loader workers), so a process whose random
-    states were not restored would train on other images."""
+    Every epoch writes ``best.pt`` (``--best-every-epoch``), so that a fault in its Nth write strikes
+    whatever the validation AUC does on this CPU. Augmentations draw from each process's torch generator
+    (no loader workers), so a process whose random states were not restored would train on other images."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
-           "1", str(FAULT_INJECTION), fault, str(n), str(rank),
+           "1", str(FAULT_INJECTION), "--best-every-epoch", fault, str(n), str(rank),
            "train", "--data", data, "--output", str(output), "--model", "mxa_efficientvit_m0", "--epochs",
            str(EPOCHS), "--img-size", "48", "--batch-size", "4", "--max-steps", str(STEPS), "--workers", "0",
            "--ema-decay", "0.9", "--clip-grad", "1.0", "--device", "cpu", "--quiet", "--resume", "auto", *extra]
@@ -40,13 +41,15 @@ def uninterrupted(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     done = torchrun("none", 0, 0, small_data, out)
     assert "--resume auto: no checkpoint at" in done.stdout and "resumed from" not in done.stdout
+    assert ckpt.load_checkpoint(out / "best.pt")["epoch"] == EPOCHS - 1  # the last epoch's, as every epoch's
     return out
 
 
 @pytest.mark.parametrize("fault, n, rank", [
     ("step", 5, 1),  # process 1's 5th step: epoch 2, step 2 of 3
-    # process 0 cut off halfway through epoch 2's best.pt, written before its last.pt: had last.pt been
-    # written first, the run would resume after epoch 2 and never write that epoch's best.pt
+    # process 0 cut off halfway through epoch 2's best.pt (every epoch's is written), written before its
+    # last.pt: had last.pt been written first, the run would resume after epoch 2 and never write that
+    # epoch's best.pt
     ("save-best", 2, 0),
 ], ids=["worker-killed-mid-epoch", "worker-killed-mid-checkpoint"])
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(small_data, tmp_path, uninterrupted,

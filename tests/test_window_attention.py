@@ -194,8 +194,12 @@ def test_module_equals_timms_local_window_attention(case, training):
     out_fused.backward(grad)
     assert rel_err(out_fused, out_ref) < 2e-5
     assert rel_err(x_fused.grad, x_ref.grad) < 1e-4
+    # per parameter, against its own size, with a floor for a gradient that nearly cancels to zero (whose
+    # relative error is then the rounding of two summation orders, which another processor changes; a
+    # NaN fails the comparison)
+    everything = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm()
     for (name, p_ref), p_fused in zip(reference.named_parameters(), fused_module.parameters()):
-        assert rel_err(p_fused.grad, p_ref.grad) < 1e-4, name
+        assert (p_fused.grad - p_ref.grad).norm() <= 1e-4 * p_ref.grad.norm() + 1e-6 * everything, name
     if training:  # the batch statistics the BatchNorms saw were the same
         for (name, b_ref), b_fused in zip(reference.named_buffers(), fused_module.buffers()):
             torch.testing.assert_close(b_fused, b_ref, msg=name)
