@@ -2,14 +2,15 @@
 module, which imports only the standard library (not torch, nor the runner, cases or suites).
 
 The suite and provider names are plain tuples here; the tests check that they equal
-``tuple(mxa_bench.suites.SUITES)`` and ``mxa_bench.cases.PROVIDERS``.
+``tuple(mxa_bench.suites.SUITES)`` (and the two suites of their own modules, ``cost`` and ``loader``) and
+``mxa_bench.cases.PROVIDERS``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-SUITE_NAMES = ("smoke", "full", "cost")
+SUITE_NAMES = ("smoke", "full", "cost", "loader")
 PROVIDER_NAMES = ("eager", "triton", "triton+compile", "torch.compile", "torch.compile max-autotune",
                   "per-sample loop", "sdpa", "timm plain")
 
@@ -29,16 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted(SUITE_NAMES), default="smoke",
                         help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU; cost: "
                              "static GPU figures of the fused ops, no GPU needed, checked against "
-                             "bench/baselines/cost.json (default: %(default)s)")
+                             "bench/baselines/cost.json; loader: the input pipeline's cost per image, on one thread "
+                             "as a loader worker runs it, and the batched augmentation on --device "
+                             "(default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--cases", help="only these cases (comma list; --list shows them; the cost suite: fused ops)")
     parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDER_NAMES)})")
-    parser.add_argument("--batch", type=int, help="another batch size for every case")
+    parser.add_argument("--batch", type=int, help="another batch size for every case (the loader suite: the "
+                        "batch of its device augmentation, default 256)")
     parser.add_argument("--stage", type=stage, action="append", metavar="C,SIDE,HEADS,DV",
                         help="the cost suite: a stage shape to report instead of M5's (repeatable): channels, map "
                              "side, attention heads, value width per head; e.g. --stage 128,14,4,32")
-    parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's)")
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats per call (default: each case's; the loader "
+                        "suite: passes over its images, default 1, and timed batches of its device augmentation, "
+                        "default 5 on the CPU, 20 on CUDA)")
     # the current directory, never the package's folder: a run (or the tests) must not write into the source
     # tree or the installation; committed records go to bench/results/ by passing it
     parser.add_argument("--results-dir", default=".",
@@ -60,3 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start no case (after the first) once this many seconds have passed; the run "
                              "still writes its outputs")
     parser.add_argument("--list", action="store_true", help="list the suite's cases and exit")
+    # the loader suite's own flags (the other suites refuse them)
+    loader = parser.add_argument_group("loader suite (--suite loader)")
+    loader.add_argument("--data", metavar="DIR",
+                        help="the CheXpert-v1.0-small folder (or the folder holding it) whose training images "
+                             "are read (default: a generated CheXpert-shaped folder, see --make-data)")
+    loader.add_argument("--make-data", metavar="DIR",
+                        help="without --data: generate the CheXpert-shaped folder (grey 320 x 390 JPEGs made "
+                             "from a real radiograph, train.csv, valid.csv) in DIR and keep it (default: in a "
+                             "temporary folder, deleted after the run)")
+    loader.add_argument("--img-size", type=int, metavar="N", help="the crop side in pixels (default: 224)")
+    loader.add_argument("--images", type=int, metavar="N",
+                        help="the images timed per stage, and generated without --data (default: 200)")
+    loader.add_argument("--target-images-per-s", type=float, metavar="R",
+                        help="the training rate to feed: the worker processes it takes are reported "
+                             "(default: 10000)")

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One GPU validation run (aim: under 8 minutes on an H100): the GPU tests of the fused ops, then the `full`
 # benchmark suite (`mxa bench --suite full`) with its table, records, key ratios against the targets and
-# speed-up chart. Everything goes to $RESULTS (default bench/results/) named DATE_CARD_*, and to $OUT
+# speed-up chart, then the `loader` suite (LOADER_ARGS: its extra arguments). Everything goes to $RESULTS (default bench/results/) named DATE_CARD_*, and to $OUT
 # when set. Runs from a checkout with the machine's own python3 (PYTHON=... to choose another) and no
 # install: the repository goes on PYTHONPATH, and so do the wheels under bench/wheels/ (WHEELS_DIR) when
 # carried there (bench/gpu_wheels.sh downloads them: timm, which the GPU machine may lack or hold older).
 # First, in seconds, it prints the versions it runs with and stops with a one-line reason when something
 # is missing or too old (python -m mxa_bench.preflight). Time limits keep the whole run under 8 minutes:
 # the tests stop after TESTS_TIMEOUT seconds (120), the suite starts no case after BENCH_BUDGET seconds
-# (270) and then writes its outputs, and is killed after BENCH_TIMEOUT seconds (360); the suite's records
+# (230) and then writes its outputs, and is killed after BENCH_TIMEOUT seconds (300), the loader suite after
+# LOADER_TIMEOUT (60): 8 minutes at the very most; the suites' records
 # are appended to the .jsonl file as they are measured, so even a killed run keeps what it measured.
 #
 # Rehearsal on a machine without a GPU: ALLOW_CPU=1, with TESTS (pytest arguments) and BENCH_ARGS (extra
@@ -55,9 +56,13 @@ else
         | tee -a "${prefix}_tests.txt" || status=1
 fi
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-360}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
-    --time-budget "${BENCH_BUDGET:-270}" \
+timeout "${BENCH_TIMEOUT:-300}" "$py" -m mxa_model.cli bench --suite full --results-dir "$results" \
+    --time-budget "${BENCH_BUDGET:-230}" \
     --json "${prefix}_full.json" --chart "${prefix}_full.png" ${BENCH_ARGS:-} 2>&1 \
     | tee "${prefix}_full.txt" || status=1
-if [ -n "${OUT:-}" ]; then cp "${prefix}"_* "$results"/*"_full.jsonl" "$OUT"/ 2>/dev/null; fi
+# the input pipeline: a loader worker's ms per image on one core, and the batched augmentation on the card
+# shellcheck disable=SC2086
+timeout "${LOADER_TIMEOUT:-60}" "$py" -m mxa_model.cli bench --suite loader --results-dir "$results" \
+    --json "${prefix}_loader.json" ${LOADER_ARGS:-} 2>&1 | tee "${prefix}_loader.txt" || status=1
+if [ -n "${OUT:-}" ]; then cp "${prefix}"_* "$results"/*"_full.jsonl" "$results"/*"_loader.jsonl" "$OUT"/ 2>/dev/null; fi
 exit "$status"

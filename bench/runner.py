@@ -330,6 +330,16 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.suite == "loader":  # the input pipeline, per image: bench/loader.py
+        from .loader import main as loader_report
+
+        return loader_report(args)
+    loader_flags = [flag for name, flag in (("data", "--data"), ("make_data", "--make-data"),
+                                            ("img_size", "--img-size"), ("images", "--images"),
+                                            ("target_images_per_s", "--target-images-per-s"))
+                    if getattr(args, name, None) is not None]
+    if loader_flags:
+        raise BenchError(f"{', '.join(loader_flags)}: the loader suite's flags (--suite loader)")
     if args.suite == "cost":  # static figures, nothing timed
         from .cost import main as cost_report
 

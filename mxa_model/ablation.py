@@ -32,6 +32,7 @@ import mxa_kernels
 from .evaluate import evaluate
 from .pipeline import embedded_data
 from .train.checkpoint import model_from_checkpoint
+from .data.loader import workers_flag
 from .train.config import TrainConfig, setting
 from .train.loop import train
 
@@ -65,7 +66,8 @@ class AblationConfig:
     batch_size: int = setting(32, "images per step")
     max_steps_per_epoch: int | None = setting(None, "cap on the steps of an epoch (a quick check of the command)")
     augment: float = setting(0.5, "augmentation strength, 0 = off")
-    workers: int = setting(2, "data loader worker processes (0: load in the main process)")
+    workers: int | str = setting(2, "data loader worker processes (0: load in the main process; auto: the CPUs "
+                                 "this process may use, less one)", parse=workers_flag)
     backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
     progress: bool = setting(True, "progress bars")
 

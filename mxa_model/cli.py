@@ -24,7 +24,7 @@ DEMO_FLAGS = {"student": "--model", "student_epochs": "--epochs", "progress": "-
 # the least value of each count or size, whatever the command (the exit status is 2 below it)
 AT_LEAST = {"batch_size": 1, "steps": 1, "img_size": 1, "num_classes": 1, "in_chans": 1, "epochs": 1,
             "student_epochs": 1, "n_train": 1, "n_valid": 1, "teacher_epochs": 1, "max_steps_per_epoch": 1,
-            "workers": 0, "seeds": 1}
+            "seeds": 1}
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -57,6 +57,7 @@ def _flag_options(f: dataclasses.Field, hint, flag: str) -> dict:
         kind = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is tuple:
         kind = comma_list
+    kind = f.metadata.get("parse") or kind
     if options["choices"] is None:
         options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
     if f.metadata.get("bare") is not None:
@@ -178,6 +179,23 @@ def synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """Decode a CheXpert-format folder's images once into a memory-mapped uint8 cache at a fixed shorter side,
+    so that training and evaluation read pixels without decoding a JPEG. A run cut short continues where it
+    stopped; a cache that is up to date is left alone."""
+    from .data.cache import DecodedCache, prepare_cache
+
+    start = time.perf_counter()
+    output = prepare_cache(args.data, args.output, side=args.size, splits=args.splits, workers=args.workers,
+                           progress=not args.quiet, on_error=args.on_bad_data)
+    caches = [DecodedCache(output, split) for split in args.splits]
+    left_out = sum(len(cache.unreadable) for cache in caches)
+    print(f"cached {sum(len(cache) for cache in caches)} images ({sum(cache.nbytes for cache in caches):,} bytes) "
+          f"at side {args.size}{f', {left_out} unreadable left out' if left_out else ''} in "
+          f"{time.perf_counter() - start:.1f} s: {output}")
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     """Train a model (supervised, or distilled from --teacher) on a CheXpert-format folder."""
     from .train.config import TrainConfig
@@ -198,7 +216,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     result = run(args.checkpoint, args.data, args.split, json_path=args.json, report_dir=args.report_dir,
                  batch_size=args.batch_size, workers=args.workers, device=args.device, backend=args.backend,
-                 progress=not args.quiet, on_bad_data=args.on_bad_data)
+                 progress=not args.quiet, on_bad_data=args.on_bad_data, cache=args.cache)
     if result["skipped"]:
         print(f"--on-bad-data skip: {describe_skipped(result['skipped'])}")
     print(format_auc_table(result))
@@ -253,6 +271,22 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.chexpert import ON_ERROR, SPLITS
+
+    p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder, or the folder holding it")
+    p.add_argument("--output", required=True, help="the cache folder (made if needed)")
+    p.add_argument("--size", type=int, default=320,
+                   help="the shorter side of the cached images, at least the --img-size they serve "
+                        "(default: %(default)s)")
+    p.add_argument("--splits", type=comma_list, default=SPLITS,
+                   help="the splits to cache, comma-separated (default: %s)" % ",".join(SPLITS))
+    p.add_argument("--workers", type=int, default=2, help="decoding processes, 0: none (default: %(default)s)")
+    p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise",
+                   help="an unreadable image: stop naming it, or leave it out of the cache (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import TrainConfig
 
@@ -261,6 +295,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     from .data.chexpert import ON_ERROR
+    from .data.loader import workers_flag
     from .train.config import BAD_DATA_HELP
 
     p.add_argument("--checkpoint", required=True)
@@ -269,7 +304,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--report-dir", default=None, help="write roc.png here")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default: %(default)s)")
+    p.add_argument("--workers", type=workers_flag, default=2,
+                   help="data loader worker processes, or auto: the CPUs this process may use, less one "
+                        "(default: %(default)s)")
+    p.add_argument("--cache", default=None, help="a decoded cache made by mxa prepare: images read from it, not "
+                                                 "decoded (default: off)")
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=mxa_kernels.BACKENDS, default=None)
     p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise", help=BAD_DATA_HELP + " (default: %(default)s)")
@@ -313,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ablate", ablate, "the ablation study on the embedded data (plain, MXA crop/align, distillation)",
          _ablate_arguments),
         ("synth", synth, "write the embedded CheXpert-format data set", _synth_arguments),
+        ("prepare", prepare, "decode a CheXpert-format folder once into a memory-mapped cache", _prepare_arguments),
         ("train", train, "train or distill a model on a CheXpert-format folder", _train_arguments),
         ("eval", evaluate, "evaluate a checkpoint: per-label AUC, macro and micro means", _eval_arguments),
         ("predict", predict, "per-finding probabilities for image or DICOM files", _predict_arguments),

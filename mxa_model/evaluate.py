@@ -9,12 +9,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from .data import CheXpertDataset, eval_transform, load_image
+from .data.cache import DecodedCache
 from .data.chexpert import find_data_dir
 from .data.labels import FINDINGS_FILE
-from .data.transforms import eval_crop
+from .data.loader import make_loader, resolve_workers
+from .data.transforms import eval_crop, normalize
 from .inference import EVAL_POLICY, predict_loader
 from .metrics import auc_report, box_iou, plot_roc
 from .train import distributed
@@ -57,7 +58,7 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
     per_block, whole = [], []
     for start in range(0, len(with_findings), batch_size):
         chunk = with_findings[start:start + batch_size]
-        images = torch.stack([dataset[i][0] for i in chunk]).to(device)
+        images = normalize(torch.stack([dataset[i][0] for i in chunk]).to(device))
         boxes = sampled_boxes(model, images)  # (blocks, B, 4)
         for j, i in enumerate(chunk):
             record = dataset.records[i]
@@ -74,12 +75,14 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", json_path: str | Path | None = None,
-             report_dir: str | Path | None = None, batch_size: int = 64, workers: int = 2, device: str | None = None,
-             backend: str | None = None, progress: bool = True, on_bad_data: str = "raise") -> dict:
+             report_dir: str | Path | None = None, batch_size: int = 64, workers: int | str = 2,
+             device: str | None = None, backend: str | None = None, progress: bool = True, on_bad_data: str = "raise",
+             cache: str | Path | None = None) -> dict:
     """Evaluate the model in ``checkpoint`` (its EMA weights when it has them) on ``split`` of ``data``, the
     data set folder or the folder holding it (:func:`~mxa_model.data.chexpert.find_data_dir`).
     ``on_bad_data="skip"`` checks every image first and leaves out (and lists in ``skipped``) the
-    malformed CSV rows and unreadable images instead of stopping at the first."""
+    malformed CSV rows and unreadable images instead of stopping at the first. ``cache``: a decoded cache
+    (``mxa prepare``) holding the split, read instead of the image files."""
     data = find_data_dir(data, [split])  # before anything loads: a --data without the CSV fails at once
     model, state = model_from_checkpoint(checkpoint)
     config = state.get("config", {})
@@ -94,7 +97,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", jso
                               image_check=on_bad_data == "skip")
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    if cache is not None:
+        dataset.cache = DecodedCache(cache, split)
+        dataset.cache.check(dataset.records, img_size)
+    loader = make_loader(dataset, batch_size, resolve_workers(workers), train=False, seed=0,
+                         pin_memory=ctx.device.type == "cuda")
     probs, targets, mask, _ = predict_loader(model, loader, ctx, progress=progress)
     labels = list(state.get("labels", dataset.labels))
     result = {"checkpoint": str(checkpoint), "model": state["model_name"], "split": split, "data": str(data),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from .data.transforms import normalize
 from .train import distributed
 
 # evaluation scores the labelled cells only: uncertain cells are left out, whatever the training policy
@@ -19,7 +20,7 @@ def predict_loader(model, loader, ctx: distributed.Context, dtype=None, channels
     model.eval()
     rows = {"index": [], "probs": [], "targets": [], "mask": []}
     for images, targets, mask, index in tqdm(loader, desc=desc, disable=not (progress and ctx.main), leave=False):
-        images = images.to(ctx.device, non_blocking=True)
+        images = normalize(images.to(ctx.device, non_blocking=True))  # uint8 until here
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):

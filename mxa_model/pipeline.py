@@ -11,6 +11,7 @@ from pathlib import Path
 import mxa_kernels
 
 from .data.labels import DATASET_FOLDER
+from .data.loader import workers_flag
 from .evaluate import evaluate, read_findings
 from .metrics import format_auc, format_auc_table
 from .predict import predict_files
@@ -35,7 +36,8 @@ class DemoConfig:
     batch_size: int = setting(32, "images per step")
     # milder than for real data: the generator already varies pose and exposure
     augment: float = setting(0.5, "augmentation strength of both trainings, 0 = off")
-    workers: int = setting(2, "data loader worker processes (0: load in the main process)")
+    workers: int | str = setting(2, "data loader worker processes (0: load in the main process; auto: the CPUs "
+                                 "this process may use, less one)", parse=workers_flag)
     seed: int = setting(0, "random seed")
     backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
     progress: bool = setting(True, "progress bars")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .data import eval_transform, load_image
-from .data.transforms import MEAN, STD
+from .data.transforms import MEAN, STD, normalize
 from .train.distributed import default_device
 from .train.checkpoint import model_from_checkpoint
 
@@ -80,7 +80,7 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: 
     transform = eval_transform(state.get("config", {}).get("img_size", 224))
     results = []
     for file in files:
-        image = transform(load_image(file)).to(device)
+        image = normalize(transform(load_image(file)).to(device))
         with torch.no_grad():
             probs = torch.sigmoid(model(image[None]).float())[0].cpu()
         result = {"file": str(file), "probabilities": dict(zip(labels, probs.tolist()))}

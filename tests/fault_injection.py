@@ -9,7 +9,7 @@ restarted worker runs clean:
 - ``step``: SIGKILL at the Nth loss the process computes (a training step);
 - ``save-last``, ``save-best``: SIGKILL in the Nth write of ``last.pt`` (``best.pt``), after cutting the
   temporary file to half its bytes;
-- ``nan``: the Nth training image the process loads holds a NaN;
+- ``nan``: the Nth training image the process loads holds a NaN (its batch crosses to the device as float);
 - ``none``: no fault.
 
 With ``--best-every-epoch`` every epoch counts as the best so far, so that ``best.pt`` is written at every
@@ -88,9 +88,10 @@ elif fault == "nan":
 
     def getitem(self, index):
         image, target, mask, i = real_getitem(self, index)
-        if self.csv_path.name == "train.csv" and strikes():
-            image = image.clone()
-            image[0, 3, 3] = float("nan")
+        if self.csv_path.name == "train.csv":
+            image = image.float()  # the pixel levels as floats (a batch holds one dtype), which can hold a NaN
+            if strikes():
+                image[0, 3, 3] = float("nan")
         return image, target, mask, i
     CheXpertDataset.__getitem__ = getitem
 elif fault != "none":

@@ -387,16 +387,20 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     env = dict(os.environ, ALLOW_CPU="1", PYTHON=sys.executable, RESULTS=str(tmp_path / "results"), OUT=str(out),
                WHEELS_DIR=str(tmp_path / "no-wheels"),
                TESTS="tests/test_bench.py::test_list_shows_the_cases",
-               BENCH_ARGS="--batch 2 --repeats 1 --cases window_attention --providers eager,sdpa")
+               BENCH_ARGS="--batch 2 --repeats 1 --cases window_attention --providers eager,sdpa",
+               LOADER_ARGS="--images 6 --img-size 32 --batch 4 --repeats 1")
     script = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert [n.split("_", 1)[1] for n in names if n.startswith("20")] == ["cpu_full.json", "cpu_full.png",
-                                                                        "cpu_full.txt", "cpu_tests.txt"]
+    assert [n.split("_", 1)[1] for n in names if n.startswith("20")] == [
+        "cpu_full.json", "cpu_full.png", "cpu_full.txt", "cpu_loader.json", "cpu_loader.txt", "cpu_tests.txt"]
+    loader = json.loads(next(out.glob("20*_cpu_loader.json")).read_text())
+    assert [r["stage"] for r in loader] == ["decode", "worker", "worker_cached", "device_augment"]
     records = json.loads(next(out.glob("20*_cpu_full.json")).read_text())
     expected = sum(len(c.modes) * len({"eager", "sdpa"} & set(c.providers)) for c in FULL if c.name == "window_attention")
     assert {r["provider"] for r in records} == {"eager", "sdpa"} and len(records) == expected
+    assert next(out.glob("*_loader.jsonl")).read_text().count("\n") == 4
     history = next(out.glob("*_full.jsonl")).read_text().splitlines()
     assert [json.loads(line) for line in history] == records
 

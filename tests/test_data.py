@@ -23,7 +23,7 @@ from mxa_model.data.chexpert import (CheXpertDataset, DataFormatError, Uncertain
                                      find_data_dir, patient_split, read_csv, resolve_path, write_csv)
 from mxa_model.data.images import ImageReadError, load_image
 from mxa_model.data.labels import COLUMNS, DATASET_FOLDER, LABELS
-from mxa_model.data.transforms import MEAN, STD, eval_transform, train_transform
+from mxa_model.data.transforms import eval_transform, train_transform
 
 FOLDER = DATASET_FOLDER
 
@@ -386,13 +386,13 @@ def test_dataset_items(data_dir):
     dataset = CheXpertDataset(data_dir, "train", transform=eval_transform(16))
     assert len(dataset) == 6 and dataset.labels == LABELS and dataset.csv_path == data_dir / "train.csv"
     image, target, mask, index = dataset[0]
-    assert image.shape == (1, 16, 16) and image.dtype == torch.float32
+    assert image.shape == (1, 16, 16) and image.dtype == torch.uint8
     assert target.shape == mask.shape == (len(LABELS),) and target.dtype == mask.dtype == torch.float32
     assert index == 0 and dataset[-1][3] == 5
     # patient 1: Cardiomegaly uncertain (U-Ones by default), Edema positive, Atelectasis negative, others blank
     assert target[LABELS.index("Cardiomegaly")] == 1 and target[LABELS.index("Edema")] == 1
     assert target.sum() == 2 and (mask == 1).all()
-    assert torch.allclose(image, torch.full_like(image, (40 / 255 - MEAN) / STD), atol=0.05)
+    assert (image.int() - 40).abs().max() <= 3  # the file's grey level, through JPEG and the resize
     ignore = CheXpertDataset(data_dir, "train", "ignore", views=None)
     assert len(ignore) == 12 and ignore.target(0)[1][LABELS.index("Cardiomegaly")] == 0
     raw = ignore.label_matrix()
@@ -475,14 +475,18 @@ def test_load_png_8_and_16_bit_and_rgb(tmp_path):
     gray = np.array([[0, 255], [51, 102]], dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "g.png")
     loaded = load_image(tmp_path / "g.png")
-    assert loaded.shape == (1, 2, 2) and loaded.dtype == torch.float32
-    assert torch.allclose(loaded[0], torch.tensor(gray / 255.0, dtype=torch.float32))
+    assert loaded.shape == (1, 2, 2) and loaded.dtype == torch.uint8
+    assert torch.equal(loaded[0], torch.from_numpy(gray))
     deep = np.array([[0, 65535], [1000, 30000]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "d.png")
     assert Image.open(tmp_path / "d.png").mode.startswith("I")
-    assert torch.allclose(load_image(tmp_path / "d.png")[0], torch.tensor(deep / 65535.0, dtype=torch.float32))
+    # 16 bits rounded to the nearest of 256 levels: 1000 / 65535 * 255 = 3.89, 30000 / 65535 * 255 = 116.7
+    assert load_image(tmp_path / "d.png")[0].tolist() == [[0, 255], [4, 117]]
     Image.new("RGB", (3, 2), (255, 255, 255)).save(tmp_path / "c.png")
-    assert torch.equal(load_image(tmp_path / "c.png"), torch.ones(1, 2, 3))
+    assert torch.equal(load_image(tmp_path / "c.png"), torch.full((1, 2, 3), 255, dtype=torch.uint8))
+    Image.new("RGB", (3, 2), (10, 200, 30)).save(tmp_path / "c.jpg", quality=100)
+    jpeg = load_image(tmp_path / "c.jpg")  # colour JPEG: luminance, 0.299 R + 0.587 G + 0.114 B = 123.8
+    assert jpeg.shape == (1, 2, 3) and (jpeg.int() - 124).abs().max() <= 2
 
 
 def test_unreadable_images(tmp_path):
@@ -510,10 +514,12 @@ def linear_window(values, center, width):
 def test_load_dicom_radiograph_monochrome1():
     raw = pydicom.dcmread(RADIOGRAPH).pixel_array.astype(np.float64)
     image = load_image(RADIOGRAPH)
-    assert image.shape == (1, 1955, 1841) and image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
-    # the file's window (center 15000, width 30000), then MONOCHROME1's inversion
-    np.testing.assert_allclose(image[0].numpy(), 1.0 - linear_window(raw, 15000, 30000), atol=1e-6)
+    assert image.shape == (1, 1955, 1841) and image.dtype == torch.uint8
+    # the file's window (center 15000, width 30000), then MONOCHROME1's inversion, to the nearest of 256
+    # levels (a value at a half level may round either way)
+    expected = np.rint(255 * (1.0 - linear_window(raw, 15000, 30000)))
+    np.testing.assert_allclose(image[0].numpy(), expected, atol=1)
+    image = image.float() / 255
     # as on any chest film, the lungs are dark and the spine and mediastinum bright
     h, w = image.shape[1:]
     chest = image[0, int(0.2 * h):int(0.7 * h)]
@@ -547,7 +553,7 @@ def test_dicom_window_saturates_outside_it(tmp_path, photometric):
     center, width = int(np.median(raw)), 2000
     path = write_dicom(tmp_path / "narrow.dcm", raw, photometric, bits_stored=15, WindowCenter=center,
                        WindowWidth=width)
-    image = load_image(path)[0].numpy()
+    image = load_image(path)[0].numpy().astype(np.float64) / 255
     below, above = raw <= center - 1000, raw > center + 1000
     assert below.mean() > 0.2 and above.mean() > 0.2  # a narrow window: many pixels lie outside it
     expected = linear_window(raw.astype(np.float64), center, width)
@@ -555,22 +561,24 @@ def test_dicom_window_saturates_outside_it(tmp_path, photometric):
     if photometric == "MONOCHROME1":  # inverted over the window's output range
         expected, dark, bright = 1.0 - expected, 1.0, 0.0
     assert (image[below] == dark).all() and (image[above] == bright).all()
-    np.testing.assert_allclose(image, expected, atol=1e-6)
+    np.testing.assert_allclose(image, np.rint(expected * 255) / 255, atol=1 / 255 + 1e-9)
 
 
 def test_load_synthetic_dicom(tmp_path, monkeypatch):
     pixels = np.array([[0, 4095, 1000], [2000, 3000, 17]], dtype=np.uint16)
-    expected = torch.tensor(pixels / 4095.0, dtype=torch.float32)[None]
-    assert torch.allclose(load_image(write_dicom(tmp_path / "a.dcm", pixels)), expected)
+    levels = pixels / 4095.0 * 255  # [0, 255, 63.3, 124.5, 186.8, 1.06]: none at a half level
+    expected = torch.tensor(np.rint(levels), dtype=torch.uint8)[None]
+    assert torch.equal(load_image(write_dicom(tmp_path / "a.dcm", pixels)), expected)
     # found by its DICM magic, whatever the name; a negative rescale slope inverts
-    assert torch.allclose(load_image(write_dicom(tmp_path / "b.img", pixels, RescaleSlope=-1, RescaleIntercept=4095)),
-                          1 - expected)
+    inverted = torch.tensor(np.rint(255 - levels), dtype=torch.uint8)[None]
+    assert torch.equal(load_image(write_dicom(tmp_path / "b.img", pixels, RescaleSlope=-1, RescaleIntercept=4095)),
+                       inverted)
     # empty rescale elements: no rescale
-    assert torch.allclose(load_image(write_dicom(tmp_path / "c.dcm", pixels, RescaleSlope=None, RescaleIntercept=None)),
-                          expected)
+    assert torch.equal(load_image(write_dicom(tmp_path / "c.dcm", pixels, RescaleSlope=None, RescaleIntercept=None)),
+                       expected)
     # values beyond BitsStored (which pydicom 2 leaves as stored): scaled by the image's own range
     monkeypatch.setattr(DicomDataset, "pixel_array", property(lambda ds: pixels.astype(np.int32) * 8 - 100))
-    assert torch.allclose(load_image(tmp_path / "a.dcm"), expected)
+    assert torch.equal(load_image(tmp_path / "a.dcm"), expected)
     monkeypatch.undo()
     with pytest.raises(ImageReadError, match="d.dcm: DICOM file has no pixel data"):
         load_image(write_dicom(tmp_path / "d.dcm", pixels, pixel_data=False))
@@ -587,28 +595,23 @@ def test_load_synthetic_dicom(tmp_path, monkeypatch):
 
 
 def test_eval_transform_keeps_the_aspect_ratio():
-    image = torch.zeros(1, 390, 320)  # CheXpert's shape: 320 wide, 390 high
-    image[:, 115:275, 80:240] = 1.0  # a 160-pixel square at the centre
-    out = eval_transform(64)(image)[0] * STD + MEAN
-    rows, columns = (out > 0.5).nonzero(as_tuple=True)
+    image = torch.zeros(1, 390, 320, dtype=torch.uint8)  # CheXpert's shape: 320 wide, 390 high
+    image[:, 115:275, 80:240] = 255  # a 160-pixel square at the centre
+    out = eval_transform(64)(image)[0]
+    rows, columns = (out > 127).nonzero(as_tuple=True)
     # the centre 320 x 320 at 1/5 scale: a 32-pixel square, still centred
     assert out.shape == (64, 64)
     assert (rows.min(), rows.max(), columns.min(), columns.max()) == (16, 47, 16, 47)
 
 
-def test_transforms_shape_dtype_and_determinism():
-    image = torch.rand(1, 60, 50)
-    for transform in (train_transform(32), train_transform(32, strength=2.0), eval_transform(32)):
-        out = transform(image)
-        assert out.shape == (1, 32, 32) and out.dtype == torch.float32
-    torch.manual_seed(7)
-    first = [train_transform(32)(image) for _ in range(5)]
-    torch.manual_seed(7)
-    again = [train_transform(32)(image) for _ in range(5)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], first[1])
-    flat = torch.full((1, 40, 30), 0.75)
-    assert torch.allclose(eval_transform(8)(flat), torch.full((1, 8, 8), (0.75 - MEAN) / STD))
-    assert torch.equal(train_transform(8, strength=0)(flat), eval_transform(8)(flat))
-    with pytest.raises(ValueError, match="negative"):
-        train_transform(8, strength=-1)
+def test_the_training_crop_is_a_function_of_seed_epoch_and_index(small_data):
+    """A sample's crop depends on (seed, epoch, index) only: the same in every draw, another in another
+    epoch; a flat image stays flat through the crops."""
+    dataset = CheXpertDataset(small_data, "train", transform=train_transform(12), views=None, seed=3)
+    assert torch.equal(dataset[(0, 4)][0], dataset[(0, 4)][0])
+    assert any(not torch.equal(dataset[(0, i)][0], dataset[(1, i)][0]) for i in range(len(dataset)))
+    dataset.set_epoch(1)
+    assert torch.equal(dataset[4][0], dataset[(1, 4)][0])  # an index alone: the dataset's epoch
+    flat = torch.full((1, 40, 30), 191, dtype=torch.uint8)
+    for transform in (train_transform(8), eval_transform(8)):
+        assert torch.equal(transform(flat, torch.Generator()), torch.full((1, 8, 8), 191, dtype=torch.uint8))

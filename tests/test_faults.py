@@ -73,17 +73,23 @@ def config(data, output, **kw):
 
 @pytest.fixture
 def nan_image(monkeypatch):
-    """Sample 5 of the training set loads as an image holding NaN (as a float DICOM or a broken
-    transform could make it); returns that sample's file."""
+    """The 6th training image loaded holds a NaN (as a broken loader could make it): the training images
+    load as floats (their pixel levels), so that a batch, of one dtype, can hold it. Returns the list that
+    gets the sample's index when it is planted."""
     real = CheXpertDataset.__getitem__
+    loaded, planted = [], []
 
-    def getitem(self, index):
-        image, target, mask, i = real(self, index)
-        if self.csv_path.name == "train.csv" and i == 5:
-            image = image.clone()
-            image[0, 3, 3] = float("nan")
+    def getitem(self, key):
+        image, target, mask, i = real(self, key)
+        if self.csv_path.name == "train.csv":
+            image = image.float()
+            loaded.append(i)
+            if len(loaded) == 6:
+                image[0, 3, 3] = float("nan")
+                planted.append(i)
         return image, target, mask, i
     monkeypatch.setattr(CheXpertDataset, "__getitem__", getitem)
+    return planted
 
 
 def test_a_nan_input_stops_training_naming_the_batch_and_file(data, tmp_path, nan_image):
@@ -91,8 +97,8 @@ def test_a_nan_input_stops_training_naming_the_batch_and_file(data, tmp_path, na
         train(config(data, tmp_path, augment=0.0))
     message = str(info.value)
     dataset = CheXpertDataset(data, "train")
-    assert "at epoch 1, batch " in message and "non-finite input in" in message
-    assert str(dataset.records[5].path) in message and "--on-nonfinite skip" in message
+    assert "at epoch 1, batch 1" in message and "non-finite input in" in message
+    assert str(dataset.records[nan_image[0]].path) in message and "--on-nonfinite skip" in message
     assert not (tmp_path / "last.pt").exists()
 
 

@@ -1,5 +1,7 @@
-"""CheXpert-format data: CSV reading with uncertainty policies, image loading (JPEG, PNG, DICOM),
-augmentations, and the embedded synthetic data set (:mod:`mxa_model.data.synth`)."""
+"""CheXpert-format data: CSV reading with uncertainty policies, image loading (JPEG, PNG, DICOM) as uint8,
+the loader workers' crops (:mod:`~mxa_model.data.transforms`), the batched augmentations on the device
+(:mod:`~mxa_model.data.augment`), the run's loaders (:mod:`~mxa_model.data.loader`), the decoded cache
+(:mod:`~mxa_model.data.cache`), and the embedded synthetic data set (:mod:`mxa_model.data.synth`)."""
 
 from .chexpert import (
     CheXpertDataset,
@@ -12,10 +14,11 @@ from .chexpert import (
 )
 from .images import ImageReadError, load_image
 from .labels import COMPETITION_LABELS, DATASET_FOLDER, LABELS
-from .transforms import eval_transform, train_transform
+from .augment import BatchAugment
+from .transforms import eval_transform, normalize, train_transform
 
 __all__ = [
-    "COMPETITION_LABELS", "CheXpertDataset", "DATASET_FOLDER", "DataFormatError", "ImageReadError", "LABELS",
-    "Record", "UncertaintyPolicy", "eval_transform", "filter_views", "load_image", "patient_split", "read_csv",
-    "train_transform",
+    "BatchAugment", "COMPETITION_LABELS", "CheXpertDataset", "DATASET_FOLDER", "DataFormatError",
+    "ImageReadError", "LABELS", "Record", "UncertaintyPolicy", "eval_transform", "filter_views", "load_image",
+    "normalize", "patient_split", "read_csv", "train_transform",
 ]

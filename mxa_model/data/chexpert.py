@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from .images import ImageReadError, load_image
 from .labels import COLUMNS, DATASET_FOLDER, LABELS, NEGATIVE, POSITIVE, UNCERTAIN
+from .transforms import sample_generator
 
 VIEWS = ("Frontal", "Lateral")
 PROJECTIONS = ("AP", "PA", "LL", "RL")
@@ -449,11 +450,15 @@ def patient_split(records: Sequence[Record], valid_fraction: float, seed: int = 
 class CheXpertDataset(Dataset):
     """CheXpert images with their targets and loss masks under an :class:`UncertaintyPolicy`.
 
-    ``dataset[i]`` is ``(image, target, mask, i)``: the image from :func:`load_image`, (1, H, W)
-    float32 in [0, 1], passed through ``transform`` when given (see :mod:`mxa_model.data.transforms`;
+    ``dataset[i]`` is ``(image, target, mask, i)``: the image from :func:`load_image` (or from ``cache``),
+    (1, H, W) uint8, passed through ``transform`` when given (see :mod:`mxa_model.data.transforms`;
     without one the images keep their own sizes, which a DataLoader cannot batch); ``target`` and
     ``mask`` float32 (14,) in :data:`LABELS` order (the loss is ``mask * bce(logits, target)``);
-    ``i`` the sample index.
+    ``i`` the sample index. ``dataset[(epoch, i)]`` is the same for that epoch: the key
+    :class:`mxa_model.data.loader.EpochSampler` yields, so that persistent loader workers, whose copy
+    of the dataset keeps the epoch it had when they started, draw each epoch's crops and smoothed
+    targets. ``transform(image, generator)`` draws from a generator seeded by (``seed``, epoch, ``i``)
+    (:func:`mxa_model.data.transforms.sample_generator`).
 
     Args:
         data_dir: the data set folder (``CheXpert-v1.0-small``); image paths resolve against it. May
@@ -463,7 +468,9 @@ class CheXpertDataset(Dataset):
         policy: the uncertainty policy, or its :meth:`UncertaintyPolicy.parse` string (default: U-Ones
             for every label, blanks negative).
         views, projections: the :func:`filter_views` selection (default: frontal views).
-        transform: applied to each image tensor.
+        transform: applied to each image tensor, ``transform(image, generator)``.
+        cache: a :class:`mxa_model.data.cache.DecodedCache` to read the images from instead of their
+            files (checked against the records by the caller).
         records: use these (from :func:`read_csv`, :func:`patient_split`, ...) instead of reading a
             CSV; the view selection still applies.
         on_error: ``"raise"``: a malformed CSV row raises :class:`DataFormatError`; ``"skip"``: it is
@@ -473,13 +480,12 @@ class CheXpertDataset(Dataset):
             with ``on_error="skip"`` is dropped and listed in :attr:`skipped`. Without the check, an
             image that cannot be read raises :class:`ImageReadError` (naming the file and its CSV
             row) when it is loaded, whatever ``on_error``.
-        seed: with the sample index and the epoch (:meth:`set_epoch`), seeds the smoothed targets
-            (non-negative).
+        seed: with the sample index and the epoch (:meth:`set_epoch`, or the key's), seeds the smoothed
+            targets and the transform's draws (non-negative).
 
     Attributes: ``records`` (the :class:`Record` s, in sample order), ``labels`` (:data:`LABELS`),
     ``csv_path`` (None with ``records``), ``skipped`` (the errors of the rows and images left out).
-    Picklable, so it works with DataLoader workers; note that persistent workers keep the epoch
-    their copy had when they started.
+    Picklable, so it works with DataLoader workers.
     """
 
     labels = LABELS
@@ -488,10 +494,10 @@ class CheXpertDataset(Dataset):
                  policy: UncertaintyPolicy | str | None = None, views: Iterable[str] | str | None = ("frontal",),
                  projections: Iterable[str] | str | None = None, transform=None,
                  records: Sequence[Record] | None = None, on_error: str = "raise", image_check: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, cache=None):
         _check_choice(on_error, ON_ERROR, "on_error")
         self.policy = UncertaintyPolicy.parse(policy) if isinstance(policy, str) else policy or UncertaintyPolicy()
-        self.transform = transform
+        self.transform, self.cache = transform, cache
         self.seed, self.epoch = seed, 0
         if records is None:
             self.csv_path = split_csv(data_dir, split)
@@ -507,25 +513,27 @@ class CheXpertDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = range(len(self))[index]  # IndexError when out of range; a negative index counts from the end
         record = self.records[index]
         try:
-            image = load_image(record.path)
+            image = load_image(record.path) if self.cache is None else self.cache.read(record)
         except ImageReadError as e:
             raise self._image_error(e, record) from e
         if self.transform is not None:
-            image = self.transform(image)
-        target, mask = self.target(index)
+            image = self.transform(image, sample_generator(self.seed, epoch, index))
+        target, mask = self.target(index, epoch)
         return image, target, mask, index
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the smoothed targets of this epoch (each epoch draws afresh, reproducibly)."""
         self.epoch = epoch
 
-    def target(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target, mask) of sample ``index``, float32 (14,), without loading its image."""
-        target, mask = self.policy.targets(self._labels[index], self._rng(index))
+    def target(self, index: int, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target, mask) of sample ``index`` in ``epoch`` (default: :meth:`set_epoch`'s), float32 (14,),
+        without loading its image."""
+        target, mask = self.policy.targets(self._labels[index], self._rng(index, epoch))
         return torch.from_numpy(target), torch.from_numpy(mask)
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,10 +550,10 @@ class CheXpertDataset(Dataset):
         """The raw label cells, float32 (N, 14): 1 / 0 / -1, NaN for blank."""
         return torch.from_numpy(self._labels.copy())
 
-    def _rng(self, index: int) -> np.random.Generator | None:
+    def _rng(self, index: int, epoch: int | None = None) -> np.random.Generator | None:
         if not self.policy.smoothing:
             return None
-        return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
     def _image_error(self, error: ImageReadError, record: Record) -> ImageReadError:
         where = f"{self.csv_path} row {record.row}" if self.csv_path else f"CSV row {record.row}"

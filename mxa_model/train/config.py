@@ -13,6 +13,7 @@ from pathlib import Path
 import mxa_kernels
 
 from ..data.chexpert import ON_ERROR, UNCERTAINTY_POLICIES
+from ..data.loader import workers_flag
 from .losses import DISTILL_TYPES
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -25,12 +26,13 @@ BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or sk
 
 
 def setting(default=dataclasses.MISSING, help: str = "", choices: tuple | None = None, shown: str | None = None,
-            bare=None):
+            bare=None, parse=None):
     """A dataclass field that is also a command-line flag: ``help`` describes it, ``choices`` limit it,
     ``shown`` is how ``--help`` names its default when the value itself says little (None), ``bare`` is
-    the value of the flag given without one (None: the flag needs a value)."""
+    the value of the flag given without one (None: the flag needs a value), ``parse`` reads the flag's
+    value where the annotation's type does not (None: the annotation's)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "shown": shown,
-                                                        "bare": bare})
+                                                        "bare": bare, "parse": parse})
 
 
 @dataclass
@@ -62,7 +64,10 @@ class TrainConfig:
     backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
     compile: bool = setting(False, "torch.compile the model")
     seed: int = setting(0, "random seed")
-    workers: int = setting(2, "data loader worker processes, per process (0: load in the main process)")
+    workers: int | str = setting(2, "data loader worker processes, per process (0: load in the main process; "
+                                 "auto: the CPUs this process may use, less one)", parse=workers_flag)
+    cache: str | None = setting(None, "a decoded cache made by mxa prepare: images read from it, not decoded",
+                                shown="off: decode the files")
     roi_mode: str = setting("align", "MXA ROI mode (crop: the authors', whose ROI predictor never trains)",
                             mxa_kernels.ROI_MODES)
     policy: str = setting("ones", "uncertain labels: a default and per-label overrides, e.g. "

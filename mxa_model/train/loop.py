@@ -1,13 +1,14 @@
 """The trainer: supervised training (a student, or the DenseNet-121 teacher) and knowledge distillation
 into an MXA student, with checkpoints each epoch and an exact ``--resume``.
 
-Each epoch draws its shuffle order (and its data workers' seeds) from generators seeded by (seed, epoch,
-rank), so the data order has no state to save; the checkpoint written at an epoch's end holds every
-process's RNG states (Python, NumPy, torch's CPU and GPU generators, from which augmentations in the
-main process draw). A run interrupted at any point, even one process of a ``torchrun`` job, and resumed
-from its last checkpoint with as many processes ends with the same weights as an uninterrupted run
-(deterministic CPU run); under ``torchrun --max-restarts N``, ``--resume auto`` makes every restart
-resume by itself.
+The data order and every augmentation are functions of (seed, epoch, sample index or rank): the shuffle
+(:class:`mxa_model.data.loader.EpochSampler`), each image's crop in the loader's workers, and the batched
+augmentations on the device, drawn from a generator seeded at each epoch's start; so they have no state
+to save, and do not depend on the number of loader workers. The checkpoint written at an epoch's end
+holds every process's RNG states all the same (Python, NumPy, torch's CPU and GPU generators). A run
+interrupted at any point, even one process of a ``torchrun`` job, and resumed from its last checkpoint
+with as many processes ends with the same weights as an uninterrupted run (deterministic CPU run); under
+``torchrun --max-restarts N``, ``--resume auto`` makes every restart resume by itself.
 
 A run goes through phases that share one :class:`Run`: the data (:func:`_load_data`), the model and
 optimizer (:func:`_build_run`, then :func:`_wrap_for_steps` once the resume has loaded the weights),
@@ -32,11 +33,14 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3, dispatch_clip_grad
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import CheXpertDataset, UncertaintyPolicy, eval_transform, train_transform
+from ..data.augment import BatchAugment
+from ..data.cache import DecodedCache
 from ..data.chexpert import SPLITS, describe_skipped, find_data_dir
+from ..data.loader import make_loader, resolve_workers
 from ..inference import EVAL_POLICY, predict_loader
 from ..metrics import auc_report, format_auc
 from . import distributed
@@ -45,9 +49,11 @@ from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_wei
 from .config import RESUME_FIELDS, TrainConfig, model_kwargs
 from .losses import distillation_loss, supervised_loss
 
-# log.csv's columns, one row per epoch; "epoch" counts from 1, as the console's "epoch N/EPOCHS" does
-LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "auc_macro", "auc_micro", "auc_competition",
-              "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
+# log.csv's columns, one row per epoch; "epoch" counts from 1, as the console's "epoch N/EPOCHS" does;
+# images_per_s is the training phase's whole rate, data_wait the share of it spent waiting for the next
+# batch, compute_images_per_s the rate of the time left (what faster loading could reach)
+LOG_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "data_wait", "compute_images_per_s", "auc_macro",
+              "auc_micro", "auc_competition", "ema_auc_macro", "ema_auc_micro", "skipped_batches", "seconds")
 
 
 @dataclass
@@ -56,6 +62,8 @@ class TrainData:
 
     train_set: CheXpertDataset
     valid_set: CheXpertDataset
+    train_loader: DataLoader  # one per split for the whole run: its workers persist across epochs
+    valid_loader: DataLoader
     labels: list[str]
     steps_per_epoch: int
 
@@ -76,6 +84,7 @@ class Run:
     scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    augment: BatchAugment
     forward_model: torch.nn.Module | None = None  # what the steps call: the model under DDP and torch.compile
     start_epoch: int = 0
     step: int = 0
@@ -111,6 +120,8 @@ class EpochStats:
 
     train_loss: float | None  # None when every batch was skipped
     images_per_s: float
+    data_wait: float  # the share of the epoch's training time spent waiting for a batch
+    compute_images_per_s: float  # images per second of the time not spent waiting
     skipped: int
 
 
@@ -122,18 +133,6 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
-
-
-def _loader(dataset, cfg: TrainConfig, ctx: distributed.Context, epoch: int, train: bool) -> DataLoader:
-    generator = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1009 + ctx.rank)
-    sampler = None
-    if ctx.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
-                                     seed=cfg.seed, drop_last=train)
-        sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=cfg.workers, drop_last=train and len(dataset) > cfg.batch_size,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=False)
 
 
 def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
@@ -218,13 +217,21 @@ def _load_data(cfg: TrainConfig, ctx: distributed.Context) -> TrainData:
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
                          f"({len(train_set)} train, {len(valid_set)} valid)")
-    steps_per_epoch = len(_loader(train_set, cfg, ctx, 0, train=True))
+    if cfg.cache is not None:
+        for dataset, split in ((train_set, "train"), (valid_set, "valid")):
+            dataset.cache = DecodedCache(cfg.cache, split)
+            dataset.cache.check(dataset.records, cfg.img_size)
+    workers = resolve_workers(cfg.workers)
+    loaders = [make_loader(dataset, cfg.batch_size, workers, train, cfg.seed, ctx.rank, ctx.world_size,
+                           pin_memory=ctx.device.type == "cuda")
+               for dataset, train in ((train_set, True), (valid_set, False))]
+    steps_per_epoch = len(loaders[0])
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set) // ctx.world_size} training "
                          f"images each of {ctx.world_size} process(es) gets: lower it")
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    return TrainData(train_set, valid_set, list(train_set.labels), steps_per_epoch)
+    return TrainData(train_set, valid_set, *loaders, list(train_set.labels), steps_per_epoch)
 
 
 def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> Run:
@@ -251,7 +258,8 @@ def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> R
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     # a copy of the model's weights as they are now; a resumed run loads the checkpoint's EMA weights into it
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    return Run(cfg, ctx, data, kwargs, model, teacher, ema, optimizer, scheduler, scaler, amp_dtype)
+    return Run(cfg, ctx, data, kwargs, model, teacher, ema, optimizer, scheduler, scaler, amp_dtype,
+               BatchAugment(cfg.img_size, cfg.augment))
 
 
 def _wrap_for_steps(run: Run) -> None:
@@ -362,20 +370,24 @@ def _check_resumable(run: Run, checkpoint: dict) -> None:
 def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
     """One epoch's training steps (at most ``data.steps_per_epoch``), with a progress bar."""
     cfg, ctx, data = run.cfg, run.ctx, run.data
-    data.train_set.set_epoch(epoch)
-    loader = _loader(data.train_set, cfg, ctx, epoch, train=True)
+    data.train_loader.sampler.set_epoch(epoch)  # the epoch reaches the workers with each index
+    # the batched augmentations' draws: a function of (seed, epoch, rank), like the rest of the epoch's data
+    generator = torch.Generator(ctx.device).manual_seed(((cfg.seed * 100_003 + epoch) * 1009 + ctx.rank) % 2**63)
     run.model.train()
-    total, count, seen, skipped = 0.0, 0, 0, 0
+    total, count, seen, skipped, waited = 0.0, 0, 0, 0, 0.0
     # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
     bn_buffers = [b for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for b in m.buffers(recurse=False)] if cfg.on_nonfinite == "skip" else []
-    bar = tqdm(loader, total=data.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    bar = tqdm(total=data.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and ctx.main))
-    for batch_no, (images, targets, mask, index) in enumerate(bar):
-        if batch_no >= data.steps_per_epoch:
-            break
-        images = images.to(ctx.device, non_blocking=True)
-        targets, mask = targets.to(ctx.device), mask.to(ctx.device)
+    batches = iter(data.train_loader)
+    for batch_no in range(data.steps_per_epoch):
+        asked = time.perf_counter()
+        images, targets, mask, index = next(batches)
+        waited += time.perf_counter() - asked
+        bar.update()
+        images = run.augment(images.to(ctx.device, non_blocking=True), generator)  # uint8 until here
+        targets, mask = targets.to(ctx.device, non_blocking=True), mask.to(ctx.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         bn_backup = [b.clone() for b in bn_buffers]
@@ -390,9 +402,12 @@ def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
         total += loss_value * images.shape[0]
         count += images.shape[0]
         seen += images.shape[0] * ctx.world_size
-        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / elapsed:.1f}", data_wait=f"{waited / elapsed:.0%}")
     bar.close()
-    return EpochStats(total / count if count else None, seen / (time.perf_counter() - started), skipped)
+    elapsed = time.perf_counter() - started
+    return EpochStats(total / count if count else None, seen / elapsed, waited / elapsed,
+                      seen / max(elapsed - waited, 1e-9), skipped)
 
 
 def _loss(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -444,7 +459,8 @@ def _validate(run: Run, epoch: int) -> tuple[dict, dict | None]:
     distributed.sync_buffers(ctx, run.model)  # every rank validates (and rank 0 saves) the same model
     if run.ema is not None:
         distributed.sync_buffers(ctx, run.ema.module)
-    valid_loader = _loader(run.data.valid_set, cfg, ctx, epoch, train=False)
+    valid_loader = run.data.valid_loader
+    valid_loader.sampler.set_epoch(epoch)
     report = auc_report(*predict_loader(run.model, valid_loader, ctx, run.amp_dtype, cfg.channels_last, cfg.progress)[:3],
                         run.data.labels)
     ema_report = None
@@ -468,7 +484,9 @@ def _write_epoch(run: Run, epoch: int, started: float, stats: EpochStats, report
     if ctx.main:
         # the log row first: a crash before the checkpoint lands leaves a row that resume drops
         row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats.train_loss,
-               "images_per_s": stats.images_per_s, "auc_macro": report["auc_macro"], "auc_micro": report["auc_micro"],
+               "images_per_s": stats.images_per_s, "data_wait": stats.data_wait,
+               "compute_images_per_s": stats.compute_images_per_s, "auc_macro": report["auc_macro"],
+               "auc_micro": report["auc_micro"],
                "auc_competition": report["auc_competition"],
                "ema_auc_macro": ema_report and ema_report["auc_macro"],
                "ema_auc_micro": ema_report and ema_report["auc_micro"], "skipped_batches": stats.skipped,
