@@ -32,7 +32,7 @@ it: ``timing.environment``), ``device_type``, ``threads`` (1; null for a GPU), `
 ``generated``, ``jpeg_bytes_per_image``; ``worker_cached`` adds ``cache_side`` and ``cache_bytes_per_image``,
 ``device_augment`` its ``batch``.
 
-Without ``--data`` the images come from :func:`chexpert_like_folder`: grey 320 x 390 JPEGs of about 28 KB,
+Without ``--data`` the images come from :func:`chexpert_like_folder`: grey 320 x 390 JPEGs of about 27 KB,
 CheXpert-v1.0-small's shape, made from a real radiograph (pydicom's test file ``RG1_UNCR.dcm``).
 """
 
@@ -75,11 +75,11 @@ DEFAULT_AUGMENT_BATCHES = {"cpu": 5, "cuda": 20}
 WARMUP_IMAGES = 5  # per-image stages: untimed calls first (imports, allocator, the cache's index)
 WARMUP_BATCHES = {"cpu": 1, "cuda": 3}
 
-# the generated images: CheXpert-v1.0-small's shape (width 320, height about 390, grey JPEG of about 28 KB)
+# the generated images: CheXpert-v1.0-small's shape (width 320, height about 390, grey JPEG of about 27 KB)
 IMAGE_HEIGHT, IMAGE_WIDTH = 390, 320
 JPEG_QUALITY = 90
 MARGIN = 0.08  # of each side: the room for each image's own crop offset
-NOISE_STD = 3.5  # grey levels: a radiograph's grain (it brings the files to about 28 KB at quality 90)
+NOISE_STD = 3.5  # grey levels: a radiograph's grain (it brings the files to about 27 KB at quality 90)
 RADIOGRAPH = "RG1_UNCR.dcm"  # a chest radiograph among pydicom's test files
 
 
@@ -157,7 +157,7 @@ def chexpert_like_folder(path: str | os.PathLike, n_images: int, seed: int = 0, 
     ``path/CheXpert-v1.0-small``: ``n_images`` training images (and ``n_valid``, by default
     ``min(n_images, 8)``, validation ones) as CheXpert-v1.0-small has them,
     ``{train,valid}/patientNNNNN/studyN/view1_frontal.jpg``, grey JPEGs of 320 x 390 pixels (width x height;
-    about 28 KB each at quality 90), each the real chest radiograph of pydicom's test files at its own crop
+    about 27 KB each at quality 90), each the real chest radiograph of pydicom's test files at its own crop
     offset, contrast and brightness, with grain; and ``train.csv`` and ``valid.csv`` in CheXpert's format,
     every row frontal, with :func:`~mxa_bench.csv_read.chexpert_like_csv`'s mix of label cells, sexes and
     ages. The same ``seed`` gives the same files. Refuses (FileExistsError) a ``path`` whose

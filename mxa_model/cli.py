@@ -24,7 +24,7 @@ DEMO_FLAGS = {"student": "--model", "student_epochs": "--epochs", "progress": "-
 # the least value of each count or size, whatever the command (the exit status is 2 below it)
 AT_LEAST = {"batch_size": 1, "steps": 1, "img_size": 1, "num_classes": 1, "in_chans": 1, "epochs": 1,
             "student_epochs": 1, "n_train": 1, "n_valid": 1, "teacher_epochs": 1, "max_steps_per_epoch": 1,
-            "seeds": 1}
+            "workers": 0, "seeds": 1}
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -184,9 +184,11 @@ def prepare(args: argparse.Namespace) -> int:
     so that training and evaluation read pixels without decoding a JPEG. A run cut short continues where it
     stopped; a cache that is up to date is left alone."""
     from .data.cache import DecodedCache, prepare_cache
+    from .data.loader import resolve_workers
 
     start = time.perf_counter()
-    output = prepare_cache(args.data, args.output, side=args.size, splits=args.splits, workers=args.workers,
+    output = prepare_cache(args.data, args.output, side=args.size, splits=args.splits,
+                           workers=resolve_workers(args.workers),
                            progress=not args.quiet, on_error=args.on_bad_data)
     caches = [DecodedCache(output, split) for split in args.splits]
     left_out = sum(len(cache.unreadable) for cache in caches)
@@ -272,16 +274,20 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.cache import DEFAULT_SIDE
     from .data.chexpert import ON_ERROR, SPLITS
+    from .data.loader import workers_flag
 
     p.add_argument("--data", required=True, help="the CheXpert-v1.0-small folder, or the folder holding it")
     p.add_argument("--output", required=True, help="the cache folder (made if needed)")
-    p.add_argument("--size", type=int, default=320,
+    p.add_argument("--size", type=int, default=DEFAULT_SIDE,
                    help="the shorter side of the cached images, at least the --img-size they serve "
                         "(default: %(default)s)")
     p.add_argument("--splits", type=comma_list, default=SPLITS,
                    help="the splits to cache, comma-separated (default: %s)" % ",".join(SPLITS))
-    p.add_argument("--workers", type=int, default=2, help="decoding processes, 0: none (default: %(default)s)")
+    p.add_argument("--workers", type=workers_flag, default=2,
+                   help="decoding processes, 0: none; auto: the CPUs this process may use, less one "
+                        "(default: %(default)s)")
     p.add_argument("--on-bad-data", choices=ON_ERROR, default="raise",
                    help="an unreadable image: stop naming it, or leave it out of the cache (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -374,7 +380,7 @@ def _too_small(args: argparse.Namespace) -> str | None:
     flags = {**TRAIN_FLAGS, **DEMO_FLAGS}
     for name, least in AT_LEAST.items():
         value = getattr(args, name, None)
-        if value is not None and value < least:
+        if isinstance(value, (int, float)) and value < least:  # --workers may be "auto"
             return f"{flags.get(name, '--' + name.replace('_', '-'))} must be at least {least}"
     return None
 

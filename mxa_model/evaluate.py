@@ -94,14 +94,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "valid", jso
     # only labelled cells are scored: uncertain cells are left out, whatever the training policy
     dataset = CheXpertDataset(data, split, policy=EVAL_POLICY, views=tuple(config.get("views", ("frontal",))),
                               transform=eval_transform(img_size), on_error=on_bad_data,
-                              image_check=on_bad_data == "skip")
+                              image_check=on_bad_data == "skip",
+                              cache=DecodedCache(cache, split) if cache is not None else None)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data} holds no image after the view filter")
-    if cache is not None:
-        dataset.cache = DecodedCache(cache, split)
+    if dataset.cache is not None:
         dataset.cache.check(dataset.records, img_size)
     loader = make_loader(dataset, batch_size, resolve_workers(workers), train=False, seed=0,
-                         pin_memory=ctx.device.type == "cuda")
+                         pin_memory=ctx.device.type == "cuda", persistent=False)  # one pass
     probs, targets, mask, _ = predict_loader(model, loader, ctx, progress=progress)
     labels = list(state.get("labels", dataset.labels))
     result = {"checkpoint": str(checkpoint), "model": state["model_name"], "split": split, "data": str(data),

@@ -89,7 +89,7 @@ elif fault == "nan":
     def getitem(self, index):
         image, target, mask, i = real_getitem(self, index)
         if self.csv_path.name == "train.csv":
-            image = image.float()  # the pixel levels as floats (a batch holds one dtype), which can hold a NaN
+            image = image.float() / 255  # as floats in [0, 1] (a batch holds one dtype), which can hold a NaN
             if strikes():
                 image[0, 3, 3] = float("nan")
         return image, target, mask, i

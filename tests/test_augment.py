@@ -206,6 +206,32 @@ def test_batches_cross_as_uint8_and_persistent_workers_get_each_epoch(small_data
     assert not torch.equal(batches[0, 0][0][0], batches[0, 1][0][0])
 
 
+def test_a_loaders_iterators_leave_the_global_generator_alone(small_data):
+    """Each epoch's iterator seeds its workers from the loader's own generator: the global one, which a
+    checkpoint saves and a resumed run restores at another point of the run, is not drawn from."""
+    dataset = CheXpertDataset(small_data, "train", transform=train_transform(24))
+    loader = make_loader(dataset, 8, 2, train=True, seed=0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.gpu
+def test_the_batched_augmentation_makes_no_host_synchronization():
+    images = torch.randint(0, 256, (8, 1, S, S), dtype=torch.uint8, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    AUGMENT(images, generator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        AUGMENT(images, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_workers_auto_is_the_cpus_this_process_may_use_less_one(monkeypatch):
     monkeypatch.setattr("mxa_model.data.loader.cpu_count", lambda: 16)
     assert resolve_workers("auto") == 15 and resolve_workers(3) == 3 and resolve_workers(0) == 0

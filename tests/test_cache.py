@@ -17,7 +17,7 @@ from mxa_model import cli
 from mxa_model.data import cache as cache_module
 from mxa_model.data.cache import (CacheMismatchError, DecodedCache, cache_key, cache_paths, prepare_cache,
                                   read_index)
-from mxa_model.data.chexpert import read_csv, split_csv
+from mxa_model.data.chexpert import CheXpertDataset, read_csv, split_csv
 from mxa_model.data.images import ImageReadError, load_image
 from mxa_model.data.transforms import resize_shorter_side
 
@@ -250,6 +250,16 @@ def test_an_unreadable_image_stops_naming_it_or_is_skipped_and_counted(data, tmp
         cache.check(rows, SIDE)
     assert one_line_error(excinfo).startswith(f"CSV row {rows[4].row} ({rows[4].csv_path}) was left out of the cache")
     assert torch.equal(cache.read(rows[5]), resize_shorter_side(load_image(rows[5].file), SIDE))
+    # a data set checking its images against this cache (--on-bad-data skip --cache) decodes none of them:
+    # the cache's left-out image is the bad one
+    def no_decode(path):
+        raise AssertionError(f"decoded {path}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mxa_model.data.chexpert.load_image", no_decode)
+        dataset = CheXpertDataset(data, "train", views=None, cache=cache, on_error="skip", image_check=True)
+    assert dataset.records == rows[:4] + rows[5:] and len(dataset.skipped) == 1
+    assert "left out of the decoded cache: " in str(dataset.skipped[0]) and rows[4].file in str(dataset.skipped[0])
 
 
 def test_the_cache_pickles_cheaply_and_reads_after_unpickling_and_in_loader_workers(small_data, tmp_path):

@@ -22,8 +22,8 @@ def torchrun(fault: str, n: int, rank: int, data: str, output, *extra: str) -> s
     """``mxa train --resume auto`` in 2 processes under ``torchrun --standalone --max-restarts 1``, the
     README's command, with ``fault`` planted at the Nth occasion in process ``rank`` (fault_injection.py).
     Every epoch writes ``best.pt`` (``--best-every-epoch``), so that a fault in its Nth write strikes
-    whatever the validation AUC does on this CPU. Augmentations draw from each process's torch generator
-    (no loader workers), so a process whose random states were not restored would train on other images."""
+    whatever the validation AUC does on this CPU. The data order and the augmentations are functions of
+    (seed, epoch, index, rank), so a restart must find the same epoch and rebuild the same generators."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",

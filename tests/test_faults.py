@@ -74,15 +74,15 @@ def config(data, output, **kw):
 @pytest.fixture
 def nan_image(monkeypatch):
     """The 6th training image loaded holds a NaN (as a broken loader could make it): the training images
-    load as floats (their pixel levels), so that a batch, of one dtype, can hold it. Returns the list that
-    gets the sample's index when it is planted."""
+    load as floats in [0, 1], so that a batch, of one dtype, can hold it. Returns the list that gets the
+    sample's index when it is planted."""
     real = CheXpertDataset.__getitem__
     loaded, planted = [], []
 
     def getitem(self, key):
         image, target, mask, i = real(self, key)
         if self.csv_path.name == "train.csv":
-            image = image.float()
+            image = image.float() / 255
             loaded.append(i)
             if len(loaded) == 6:
                 image[0, 3, 3] = float("nan")

@@ -1,6 +1,6 @@
 """The per-sample training augmentations, run on a whole batch where the model runs.
 
-The loader's workers do only the random resized crop, in uint8 (:func:`mxa_model.data.transforms.train_crop`);
+The loader's workers do only the random resized crop, in uint8 (:class:`mxa_model.data.transforms.TrainCrop`);
 the batch crosses to the device as uint8 and :class:`BatchAugment` does the rest, each sample with its own
 parameters, drawn from the distributions (and with the probabilities) of torchvision's transforms of the
 same names:
@@ -22,7 +22,8 @@ transforms on the [0, 1] image). The elastic field is made at 51 x 51 (a point e
 blurred there and upsampled, not blurred at full size (torchvision's way: a 2-D convolution of 8 sigma
 taps per pixel, about 100 ms per 224 px image on one CPU core). The blur is one grouped convolution over
 the batch (a 1-tap identity for the samples not blurred). Parameters are drawn on the device from the
-caller's generator: the same seed gives the same batch, with no host synchronization.
+caller's generator: the same seed gives the same batch. Nothing is copied from the host in a call (no
+``torch.tensor`` of constants, whose copy to a GPU waits for the queued work): no host synchronization.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class AugmentParams:
 class BatchAugment:
     """The training augmentations of ``img_size`` x ``img_size`` batches at ``strength`` (see the module).
 
-    ``augment(images, generator)``: uint8 (B, 1, S, S) -> augmented and normalized float32 (B, 1, S, S)
-    (:func:`mxa_model.data.transforms.normalize`), on the images' device; ``generator`` is a
-    ``torch.Generator`` on that device.
+    ``augment(images, generator)``: uint8 (B, 1, S, S), or float in [0, 1], -> augmented and normalized
+    float32 (B, 1, S, S) (:func:`mxa_model.data.transforms.normalize`), on the images' device;
+    ``generator`` is a ``torch.Generator`` on that device.
     """
 
     def __init__(self, img_size: int, strength: float = 1.0):
@@ -96,7 +97,7 @@ class BatchAugment:
         self.blur_taps = _odd(6 * self.blur_max)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        images = images.float() / 255.0
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if self.strength > 0:
             images = self.apply(images, self.sample(images.shape[0], images.device, generator))
         return normalize(images)
@@ -127,7 +128,7 @@ class BatchAugment:
         51 x 51 grid blurred there with sigma 2 points (0.04 of the side: a point every 2 % of it), scaled
         to the wanted std (that of blurred unit noise is the sum of the squared 1-D taps) and upsampled."""
         noise = torch.randn(on.shape[0], 2, FIELD_SIDE, FIELD_SIDE, device=device, generator=generator)
-        taps = gaussian_kernels(torch.tensor([FIELD_SIGMA], device=device), _odd(6 * FIELD_SIGMA))
+        taps = gaussian_kernels(torch.full((1,), FIELD_SIGMA, device=device), _odd(6 * FIELD_SIGMA))
         smooth = separable_conv(noise, taps.expand(on.shape[0], -1), "reflect")
         std = ELASTIC_STD * self.strength * self.img_size / taps.square().sum()
         smooth = smooth * torch.where(on, std, 0.0)[:, None, None, None]
@@ -172,6 +173,8 @@ class BatchAugment:
         affine_inverse = matrix([[1 / p.scale, tan / p.scale, -(tx + tan * ty) / p.scale],
                                  [zero, 1 / p.scale, -ty / p.scale], [zero, zero, one]])
         flip = matrix([[torch.where(p.flip, -1.0, 1.0), zero, zero], [zero, one, zero], [zero, zero, one]])
-        to_pixels = torch.diag(torch.tensor([w / 2, h / 2, 1.0], device=dev))
-        to_grid = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], device=dev))
-        return (to_grid @ flip @ rotation_inverse @ affine_inverse @ to_pixels)[:, :2]
+        pixels = flip @ rotation_inverse @ affine_inverse  # pixels to pixels
+        # grid units to pixels on the right (columns x, y times w/2, h/2), back on the left (rows x, y)
+        half = (w / 2, h / 2)
+        return torch.stack([torch.stack([pixels[:, i, 0] * half[0] / half[i], pixels[:, i, 1] * half[1] / half[i],
+                                         pixels[:, i, 2] / half[i]], dim=-1) for i in (0, 1)], dim=1)

@@ -117,8 +117,9 @@ class DecodedCache:
     """The decoded images of one split of a cache folder made by :func:`prepare_cache`.
 
     Check it against the records a data set uses (:meth:`check`) before reading them (:meth:`read`).
-    Pickling keeps only the folder and the split, so that DataLoader workers get it cheaply: each process
-    loads the index and maps the pixel file itself, when it first needs them.
+    Pickling keeps only the folder and the split, so that DataLoader workers started by spawn get it
+    cheaply (forked workers inherit what the parent loaded): each process loads the index and maps the pixel
+    file itself, when it first needs them.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str):
@@ -159,6 +160,10 @@ class DecodedCache:
     def unreadable(self) -> dict[str, str]:
         """Key -> error of the images that ``on_error="skip"`` left out."""
         return self.metadata["unreadable"]
+
+    def left_out(self, record: Record) -> str | None:
+        """Why ``prepare_cache(on_error="skip")`` left ``record``'s image out (its error), or None."""
+        return self.unreadable.get(cache_key(record))
 
     def __len__(self) -> int:
         """The number of cached images."""

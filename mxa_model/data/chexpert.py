@@ -477,7 +477,8 @@ class CheXpertDataset(Dataset):
             left out and listed in :attr:`skipped`.
         image_check: decode every image once up front (minutes on the full training set), so that a
             missing or corrupt image is found before training: it raises :class:`ImageReadError`, or
-            with ``on_error="skip"`` is dropped and listed in :attr:`skipped`. Without the check, an
+            with ``on_error="skip"`` is dropped and listed in :attr:`skipped`. With a ``cache``, nothing is
+            decoded: the images the cache left out as unreadable are the bad ones. Without the check, an
             image that cannot be read raises :class:`ImageReadError` (naming the file and its CSV
             row) when it is loaded, whatever ``on_error``.
         seed: with the sample index and the epoch (:meth:`set_epoch`, or the key's), seeds the smoothed
@@ -560,11 +561,15 @@ class CheXpertDataset(Dataset):
         return ImageReadError(record.path, f"{error.reason} ({where})")
 
     def _readable(self, records: list[Record], on_error: str) -> list[Record]:
-        """The records whose image decodes; the others raise or, with on_error="skip", go to skipped."""
+        """The records whose image decodes (or was decoded into the cache); the others raise or, with
+        on_error="skip", go to skipped."""
         kept = []
         for record in records:
             try:
-                load_image(record.path)
+                if self.cache is None:
+                    load_image(record.path)
+                elif (reason := self.cache.left_out(record)) is not None:
+                    raise ImageReadError(record.path, f"left out of the decoded cache: {reason}")
             except ImageReadError as e:
                 if on_error == "raise":
                     raise self._image_error(e, record) from e

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow file without holding much pinned memory
@@ -47,17 +48,24 @@ def workers_flag(text: str) -> int | str:
 def resolve_workers(workers: int | str) -> int:
     """``--workers``: a count, or ``"auto"``: this process's share of the CPUs it may use (the processes
     torchrun starts on this node, ``LOCAL_WORLD_SIZE``, share them), less one for the process itself (the
-    training loop), at least 1."""
+    training loop), at least 1. The training and the validation loader each get that many."""
     if workers == "auto":
         return max(1, cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
     return workers_flag(str(workers)) if isinstance(workers, str) else workers
 
 
 def make_loader(dataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0,
-                world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """The split's loader for the whole run; call ``loader.sampler.set_epoch(epoch)`` before each epoch.
-    Training shuffles and drops the last partial batch (when there is more than one batch)."""
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+                world_size: int = 1, pin_memory: bool = False, persistent: bool = True) -> DataLoader:
+    """The split's loader for the whole run (``persistent``: its workers kept across epochs); call
+    ``loader.sampler.set_epoch(epoch)`` before each epoch. Training shuffles and drops the last partial batch
+    (when there is more than one batch)."""
+    # the sampler shuffles with seed + epoch: spread the seeds apart, or seed s + 1 would repeat seed s's
+    # order one epoch later
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed * 1_000_003,
+                           drop_last=train)
+    # the loader's own generator seeds its workers: without one, each new iterator draws from the global
+    # generator, which a resumed run would then draw from at other times than an uninterrupted one
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=train and len(dataset) > batch_size, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=persistent and workers > 0,
+                      prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)

@@ -177,7 +177,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         cfg = dataclasses.replace(cfg, data=str(data_dir))
     if ctx.main:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own augmentations
+    torch.manual_seed(cfg.seed + ctx.rank)  # the model's initialization (DDP then broadcasts rank 0's)
     run = _build_run(cfg, ctx, _load_data(cfg, ctx))
     _resume_from_checkpoint(run)
     _wrap_for_steps(run)
@@ -206,10 +206,11 @@ def _load_data(cfg: TrainConfig, ctx: distributed.Context) -> TrainData:
     # --on-bad-data skip: every image is decoded once up front, so that a bad one is left out (and
     # counted) before training rather than stopping it halfway
     faults = dict(on_error=cfg.on_bad_data, image_check=cfg.on_bad_data == "skip")
-    train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views,
+    caches = {split: DecodedCache(cfg.cache, split) if cfg.cache is not None else None for split in SPLITS}
+    train_set = CheXpertDataset(cfg.data, "train", policy=policy, views=cfg.views, cache=caches["train"],
                                 transform=train_transform(cfg.img_size, cfg.augment), seed=cfg.seed, **faults)
     # validation scores the labelled cells only: uncertain cells are left out, whatever the training policy
-    valid_set = CheXpertDataset(cfg.data, "valid", policy=EVAL_POLICY, views=cfg.views,
+    valid_set = CheXpertDataset(cfg.data, "valid", policy=EVAL_POLICY, views=cfg.views, cache=caches["valid"],
                                 transform=eval_transform(cfg.img_size), seed=cfg.seed, **faults)
     for dataset in (train_set, valid_set):
         if dataset.skipped and ctx.main:
@@ -217,9 +218,8 @@ def _load_data(cfg: TrainConfig, ctx: distributed.Context) -> TrainData:
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"no images to train on in {cfg.data} after the view filter {cfg.views} "
                          f"({len(train_set)} train, {len(valid_set)} valid)")
-    if cfg.cache is not None:
-        for dataset, split in ((train_set, "train"), (valid_set, "valid")):
-            dataset.cache = DecodedCache(cfg.cache, split)
+    for dataset in (train_set, valid_set):
+        if dataset.cache is not None:
             dataset.cache.check(dataset.records, cfg.img_size)
     workers = resolve_workers(cfg.workers)
     loaders = [make_loader(dataset, cfg.batch_size, workers, train, cfg.seed, ctx.rank, ctx.world_size,
