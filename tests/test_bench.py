@@ -77,7 +77,7 @@ def test_the_gate_fails_when_the_crop_loops_over_the_batch_again(monkeypatch, ca
 def test_the_gate_fails_on_a_twice_slower_mxa_model(monkeypatch, capsys):
     """A real regression: the MXA model doing its work twice (same output) in training and inference. Its
     operations dispatched per step count it (1.86 against the limit 1.35) whatever the processor; its time
-    ratios are reported (2.28 and 2.94 here), not checked."""
+    ratios are reported (2.28 and 2.94 when the limits were set), not checked."""
     features = MXAEfficientVit.forward_features
     monkeypatch.setattr(MXAEfficientVit, "forward_features", lambda self, x: (features(self, x) + features(self, x)) / 2)
     code, printed = _gate(["--cases", "efficientvit_m5", "--repeats", "1"], capsys, monkeypatch)

@@ -16,14 +16,15 @@ same names:
 
 ``strength`` scales every magnitude (angles, translation, scale, shear, displacement, blur sigma), not
 the probabilities; 0 turns them all off. The flip, rotation, affine and elastic field make ONE resampling
-per batch: their inverse maps composed into one sampling grid per sample (``F.affine_grid``), the field
-added to it, one bilinear ``F.grid_sample`` with zeros outside the image (the fill of torchvision's
-transforms on the [0, 1] image). The elastic field is made at 51 x 51 (a point every 2 % of the side),
-blurred there and upsampled, not blurred at full size (torchvision's way: a 2-D convolution of 8 sigma
-taps per pixel, about 100 ms per 224 px image on one CPU core). The blur is one grouped convolution over
-the batch (a 1-tap identity for the samples not blurred). Parameters are drawn on the device from the
-caller's generator: the same seed gives the same batch. Nothing is copied from the host in a call (no
-``torch.tensor`` of constants, whose copy to a GPU waits for the queued work): no host synchronization.
+per batch: their inverse maps composed into one sampling grid per sample (``F.affine_grid``'s points,
+written out), the field added to it, one bilinear ``F.grid_sample`` with zeros outside the image (the
+fill of torchvision's transforms on the [0, 1] image). The elastic field is made at 51 x 51 (a point every
+2 % of the side), blurred there and upsampled, not blurred at full size (torchvision's way: a 2-D
+convolution of 8 sigma taps per pixel, 150 ms per 224 px image on one core of the development machine).
+The blur is one grouped convolution over the batch (a 1-tap identity for the samples not blurred).
+Parameters are drawn on the device from the caller's generator: the same seed gives the same batch.
+Nothing is copied from the host in a call (no ``torch.tensor`` of constants, whose copy to a GPU waits for
+the queued work): no host synchronization.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from .transforms import normalize
 FLIP_P, ROTATE_P, AFFINE_P, ELASTIC_P, BLUR_P = 0.5, 0.5, 0.5, 0.1, 0.2
 DEGREES, TRANSLATE, SCALE, SHEAR = 10.0, 0.05, 0.05, 5.0  # at strength 1
 ELASTIC_SMOOTH, ELASTIC_STD = 0.04, 0.01  # the field's Gaussian sigma and its std, as fractions of the side
-FIELD_SIDE, FIELD_SIGMA = 51, 2.0  # the low-resolution field: points, and its blur sigma in those points
+FIELD_SIDE = 51  # points of the low-resolution field across the side: one every 2 %
+FIELD_SIGMA = ELASTIC_SMOOTH * (FIELD_SIDE - 1)  # the field's blur sigma in those points (2)
 
 
 def _odd(x: float) -> int:
@@ -97,10 +99,10 @@ class BatchAugment:
         self.blur_taps = _odd(6 * self.blur_max)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if self.strength > 0:
-            images = self.apply(images, self.sample(images.shape[0], images.device, generator))
-        return normalize(images)
+        if self.strength == 0:
+            return normalize(images)
+        unit = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return normalize(self.apply(unit, self.sample(images.shape[0], images.device, generator)))
 
     def sample(self, batch: int, device: torch.device, generator: torch.Generator) -> AugmentParams:
         """Every sample's parameters, drawn on ``device``."""
@@ -155,7 +157,7 @@ class BatchAugment:
 
     @staticmethod
     def inverse_maps(p: AugmentParams, h: int, w: int) -> torch.Tensor:
-        """(B, 2, 3) ``theta`` for ``F.affine_grid``: where each output point samples the input, in grid
+        """(B, 2, 3) ``theta``, as ``F.affine_grid`` takes it: where each output point samples the input, in grid
         units (the image spans -1..1), through the inverse affine, rotation and flip, in that order.
         Pixel coordinates are centred (x right, y down), as torchvision's tensor transforms have them."""
         b, dev = p.angle.shape[0], p.angle.device

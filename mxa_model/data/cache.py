@@ -181,9 +181,9 @@ class DecodedCache:
         when the cache is incomplete, its side is less than ``min_side``, a record is not in it (or was left
         out as unreadable), or a record's file has another size or mtime than when it was cached.
 
-        Cost: one :func:`os.stat` per record (about 2 microseconds from the OS's inode cache; a cold network
-        file system may take far longer) and a key look-up: 0.8 s for CheXpert's 223,414 training rows,
-        after loading the index (0.2 s).
+        Cost: one :func:`os.stat` per record (2 microseconds measured from the OS's inode cache, so about
+        half a second for CheXpert's 223,414 training rows; a cold network file system may take far longer)
+        and a key look-up.
         """
         self._load()
         index, paths = self._index, self.paths

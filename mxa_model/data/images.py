@@ -56,7 +56,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     # "unreadable file".
     try:
         if is_dicom:
-            return _to_uint8(_dicom_pixels(path))
+            return _to_uint8(_dicom_pixels(path, data))
         if data[:3] == _JPEG_MAGIC:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
         return _pil_pixels(data)
@@ -85,8 +85,9 @@ def _pil_pixels(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0)
 
 
-def _dicom_pixels(path: Path) -> np.ndarray:
-    """(H, W) float64 in [0, 1] from a single-frame grayscale DICOM file, white = dense, as a viewer shows it.
+def _dicom_pixels(path: Path, data: bytes) -> np.ndarray:
+    """(H, W) float64 in [0, 1] from the bytes ``data`` of the single-frame grayscale DICOM file ``path``,
+    white = dense, as a viewer shows it.
 
     The file must be in the DICOM file format (preamble and ``DICM`` magic), as files are since 1993.
 
@@ -106,7 +107,9 @@ def _dicom_pixels(path: Path) -> np.ndarray:
     except ImportError:  # pydicom 2
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(path)  # not force=True: that would parse any bytes as some data set
+    # the bytes load_image read (the file is not read twice); not force=True: that would parse any bytes
+    # as some data set
+    ds = pydicom.dcmread(io.BytesIO(data))
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()

@@ -42,7 +42,9 @@ def random_crop_box(height: int, width: int, scale: tuple[float, float], ratio: 
                     generator: torch.Generator) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random crop with an area fraction in ``scale`` and an aspect ratio (w / h)
     log-uniform in ``ratio``: torchvision's ``RandomResizedCrop`` rule (10 tries, then the whole image
-    clamped to the ratio range), drawing from ``generator``."""
+    clamped to the ratio range), drawing from ``generator``. Written again because torchvision's
+    ``get_params`` draws from the global generator: forking and seeding that for each image
+    (``torch.random.fork_rng``) took 0.18 ms an image against 0.04 ms here, in a 0.8 ms worker budget."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
@@ -116,4 +118,4 @@ def eval_crop(height: int, width: int) -> tuple[float, float, float]:
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 images (any shape) as ``dtype``, ``(x / 255 - MEAN) / STD``; float images in [0, 1] too."""
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    return (images.to(dtype) / scale - MEAN) / STD
+    return images.to(dtype) * (1.0 / (scale * STD)) - MEAN / STD  # one product, one difference
