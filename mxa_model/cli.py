@@ -24,7 +24,7 @@ DEMO_FLAGS = {"student": "--model", "student_epochs": "--epochs", "progress": "-
 # the least value of each count or size, whatever the command (the exit status is 2 below it)
 AT_LEAST = {"batch_size": 1, "steps": 1, "img_size": 1, "num_classes": 1, "in_chans": 1, "epochs": 1,
             "student_epochs": 1, "n_train": 1, "n_valid": 1, "teacher_epochs": 1, "max_steps_per_epoch": 1,
-            "workers": 0, "seeds": 1}
+            "workers": 0, "seeds": 1, "log_every": 1, "profile_steps": 1}
 
 
 def comma_list(text: str) -> tuple[str, ...]:

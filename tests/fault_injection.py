@@ -1,6 +1,6 @@
 """Runs ``mxa train`` with a fault planted in one process, for tests/test_faults.py and tests/test_elastic.py:
 
-    python fault_injection.py [--best-every-epoch] FAULT N RANK MXA-TRAIN-ARGUMENTS...
+    python fault_injection.py [--best-every-epoch] [--count-syncs] FAULT N RANK MXA-TRAIN-ARGUMENTS...
 
 run as it is (one process) or by ``torchrun`` (each worker runs it). The fault strikes in the process of
 rank RANK only, and only in the first launch (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that a
@@ -16,11 +16,15 @@ With ``--best-every-epoch`` every epoch counts as the best so far, so that ``bes
 epoch whatever the validation AUC does: a test whose fault strikes in a ``best.pt`` write then takes the
 same path on any CPU (the AUC's digits, and so which epochs improve, differ between processors).
 
+With ``--count-syncs`` each process counts the host synchronizations of each training step
+(``helpers.HostSyncs``) and writes them, a list of {name: count} by step, to ``OUTPUT/syncs-rank-R.json``.
+
 When the fault strikes, the process first writes ``OUTPUT/fault-struck``. Every process also writes its
 weights, EMA, optimizer state, epoch and step count after each epoch, to ``OUTPUT/rank-R.pt``, so that the
 ranks of one run can be compared with each other.
 """
 
+import json
 import math
 import os
 import signal
@@ -35,7 +39,8 @@ from mxa_model.train import loop
 
 args = sys.argv[1:]
 best_every_epoch = args[:1] == ["--best-every-epoch"]
-fault, n, rank, argv = (args := args[best_every_epoch:])[0], int(args[1]), int(args[2]), args[3:]
+count_syncs = (args := args[best_every_epoch:])[:1] == ["--count-syncs"]
+fault, n, rank, argv = (args := args[count_syncs:])[0], int(args[1]), int(args[2]), args[3:]
 this_rank = int(os.environ.get("RANK", "0"))
 armed = this_rank == rank and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 calls = []
@@ -111,4 +116,17 @@ def write_epoch(run, epoch, *args):
 
 
 loop._write_epoch = write_epoch
+
+if count_syncs:
+    from helpers import HostSyncs
+
+    real_step, step_syncs = loop._train_step, []
+
+    def train_step(run, *args):
+        with HostSyncs() as syncs:
+            record = real_step(run, *args)
+        step_syncs.append(dict(syncs.events))
+        (run.out / f"syncs-rank-{run.ctx.rank}.json").write_text(json.dumps(step_syncs))
+        return record
+    loop._train_step = train_step
 sys.exit(cli.main(argv))

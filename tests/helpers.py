@@ -2,11 +2,14 @@
 bias index, the MXA branch's output and gradients, and the comparison of two training states."""
 
 import itertools
+from collections import Counter
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mxa_bench.cases import randomized  # noqa: F401 - random BatchNorms and bias table, shared with the benchmarks
 
@@ -68,3 +71,68 @@ def assert_same_training_state(got: dict, want: dict) -> None:
     for slot, state in want["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(got["optimizer"]["state"][slot][name], value), f"optimizer {slot} {name}"
+
+
+class HostSyncs:
+    """Counts, while entered, the calls that make the host wait for a GPU: reads of a tensor's values
+    (``.item()``, ``bool()``, ``int()``, ``float()``: ATen's ``_local_scalar_dense``; ``.tolist()``,
+    ``.numpy()``, ``.cpu()``), the operations whose output size depends on values (``nonzero``,
+    indexing with a boolean mask, ``masked_select``, ``unique``), and ``torch.distributed``'s collectives
+    (a flag shared across processes needs one; DDP's own broadcasts and gradient all-reduces are not
+    these Python functions). Counted by what is asked, on any device: on the CPU, where nothing waits, a
+    test still sees every call that would wait on a GPU. ``events``: the counts by name."""
+
+    READS = {"tolist", "numpy", "cpu"}  # Tensor methods that copy values to the host without an ATen read
+    WAITING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+    COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object",
+                   "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+                   "gather", "scatter", "barrier")
+
+    def __init__(self):
+        self.events = Counter()
+        counter = self
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", None) in HostSyncs.READS:
+                    counter.events[func.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in HostSyncs.WAITING_OPS or (name == "index" and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+                    counter.events[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (Functions(), Dispatch())
+        self._collectives = {}
+
+    def _counted(self, name: str, collective):
+        def call(*args, **kwargs):
+            self.events[name] += 1
+            return collective(*args, **kwargs)
+        return call
+
+    @property
+    def count(self) -> int:
+        return sum(self.events.values())
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in self.COLLECTIVES:
+            self._collectives[name] = getattr(dist, name)
+            setattr(dist, name, self._counted(name, self._collectives[name]))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        for name, collective in self._collectives.items():
+            setattr(dist, name, collective)

@@ -203,11 +203,28 @@ def test_train_flags_keep_their_spellings():
     assert (demo.student_epochs, demo.student, demo.augment, demo.progress) == (2, "m", 0.0, False)
 
 
+def test_compile_takes_a_mode_and_alone_means_default(capsys):
+    def parsed(*flags):
+        args = cli.build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags])
+        return cli.config_from_args(TrainConfig, args).compile
+
+    assert (parsed(), parsed("--compile"), parsed("--compile", "reduce-overhead")) == (None, "default", "reduce-overhead")
+    assert parsed("--compile", "--quiet") == "default"
+    assert TrainConfig("d", "o", compile=True).compile == "default"  # the setting's type before it took a mode
+    with pytest.raises(SystemExit):
+        parsed("--compile", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--compile must be one of default, reduce-overhead, max-autotune"):
+        TrainConfig("d", "o", compile="fast").check()
+
+
 def test_too_small_counts_name_the_flag_users_type(capsys):
     assert cli.main(["train", "--data", "d", "--output", "o", "--max-steps", "0"]) == 2
     assert "--max-steps must be at least 1" in capsys.readouterr().err
     assert cli.main(["demo", "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "d", "--output", "o", "--log-every", "0"]) == 2
+    assert "--log-every must be at least 1" in capsys.readouterr().err
 
 
 def test_eval_flags_have_the_defaults_of_evaluate():

@@ -4,6 +4,7 @@ run ends bit-identical to an uninterrupted 2-process run; a NaN batch on one pro
 both (``--on-nonfinite skip``), whose weights stay equal."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def torchrun(fault: str, n: int, rank: int, data: str, output, *extra: str) -> s
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
-           "1", str(FAULT_INJECTION), "--best-every-epoch", fault, str(n), str(rank),
+           "1", str(FAULT_INJECTION), "--best-every-epoch", "--count-syncs", fault, str(n), str(rank),
            "train", "--data", data, "--output", str(output), "--model", "mxa_efficientvit_m0", "--epochs",
            str(EPOCHS), "--img-size", "48", "--batch-size", "4", "--max-steps", str(STEPS), "--workers", "0",
            "--ema-decay", "0.9", "--clip-grad", "1.0", "--device", "cpu", "--quiet", "--resume", "auto", *extra]
@@ -43,6 +44,14 @@ def uninterrupted(small_data, tmp_path_factory):
     assert "--resume auto: no checkpoint at" in done.stdout and "resumed from" not in done.stdout
     assert ckpt.load_checkpoint(out / "best.pt")["epoch"] == EPOCHS - 1  # the last epoch's, as every epoch's
     return out
+
+
+def test_training_steps_under_ddp_never_wait_for_the_device(uninterrupted):
+    """No step of either process reads a value of the device, nor calls a collective of its own (the
+    non-finite check reads DDP's averaged gradients); the reads wait for the logging points."""
+    for rank in (0, 1):
+        steps = json.loads((uninterrupted / f"syncs-rank-{rank}.json").read_text())
+        assert steps == [{}] * (EPOCHS * STEPS), (rank, steps)
 
 
 @pytest.mark.parametrize("fault, n, rank", [
@@ -78,6 +87,8 @@ def test_a_nan_batch_on_one_process_is_skipped_by_both(small_data, tmp_path):
     with (tmp_path / "log.csv").open(newline="") as f:
         assert [row["skipped_batches"] for row in csv.DictReader(f)] == ["1", "0", "0"]
     ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["step"] == ranks[1]["step"] == EPOCHS * STEPS - 1  # both skipped the same step
+    assert ranks[0]["step"] == ranks[1]["step"] == EPOCHS * STEPS  # the batches, the schedule's count
+    for r in ranks:  # both skipped the same update: AdamW's own count
+        assert {s["step"].item() for s in r["optimizer"]["state"].values()} == {EPOCHS * STEPS - 1}
     assert_same_training_state(ranks[1], ranks[0])
     assert all(torch.isfinite(p).all() for p in ranks[0]["model"].values())

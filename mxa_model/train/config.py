@@ -21,6 +21,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 # there is one, else afresh (the same command serves the first launch and every torchrun restart)
 RESUME_MODES = ("last", "auto")
 CLIP_MODES = ("norm", "agc", "value")
+# torch.compile's modes: default (Inductor's kernels), reduce-overhead (also CUDA graphs: a step's launches
+# replayed at once), max-autotune (also the fastest of several kernel choices, timed at compile time)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or skip: check every image up front, "
                  "leave the bad ones out and count them")
 
@@ -62,7 +65,9 @@ class TrainConfig:
     amp: str = setting("auto", "mixed precision on a GPU: auto = bf16 (fp16 where bf16 is unsupported)", AMP_MODES)
     channels_last: bool = setting(False, "NHWC memory format")
     backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: str | None = setting(None, "torch.compile the model and the teacher: default; reduce-overhead: also "
+                                  "CUDA graphs (GPU); max-autotune: also kernels chosen by timing them",
+                                  COMPILE_MODES, shown="off", bare="default")
     seed: int = setting(0, "random seed")
     workers: int | str = setting(2, "data loader worker processes, per process (0: load in the main process; "
                                  "auto: the CPUs this process may use, less one)", parse=workers_flag)
@@ -79,6 +84,10 @@ class TrainConfig:
                                  RESUME_MODES, shown="off", bare="last")
     device: str | None = setting(None, "torch device", shown="cuda if available")
     progress: bool = setting(True, "progress bars")
+    log_every: int = setting(50, "read the loss and the non-finite checks from the device every N steps (the "
+                             "progress bar's figures; --on-nonfinite raise stops there): steps between never wait")
+    profile_steps: int | None = setting(None, "trace N steps of the first epoch with torch.profiler into "
+                                        "OUTPUT/profile and print the shares of a step's time", shown="off")
     max_steps_per_epoch: int | None = setting(None, "at most this many steps per epoch (tests, smoke runs)",
                                               shown="the whole epoch")
     # "skip": malformed CSV rows and unreadable images are left out and counted
@@ -90,6 +99,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.resume, bool):  # the field's type before --resume took a mode
             self.resume = "last" if self.resume else None
+        if isinstance(self.compile, bool):  # the field's type before --compile took a mode
+            self.compile = "default" if self.compile else None
 
     def check(self) -> None:
         if self.distill_type not in DISTILL_TYPES:
@@ -101,9 +112,11 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(ON_ERROR)}, got {getattr(self, name)!r}")
         if self.resume not in (None, *RESUME_MODES):
             raise ValueError(f"--resume must be one of {', '.join(RESUME_MODES)} (or given alone), got {self.resume!r}")
+        if self.compile not in (None, *COMPILE_MODES):
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)} (or given alone), got {self.compile!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
-        for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch"):
+        for name in ("epochs", "img_size", "batch_size", "max_steps_per_epoch", "log_every", "profile_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1 or self.tau <= 0:

@@ -110,10 +110,8 @@ def sync_buffers(ctx: Context, module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def any_rank(ctx: Context, flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank, on every rank (so that all ranks stop together)."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([float(flag)], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def any_rank(ctx: Context, flags: torch.Tensor) -> torch.Tensor:
+    """``flags`` (0 or 1, on the device) set where any rank's are, on every rank, in place."""
+    if ctx.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags

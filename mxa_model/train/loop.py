@@ -48,6 +48,7 @@ from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_wei
                          save_checkpoint, set_rng_state)
 from .config import RESUME_FIELDS, TrainConfig, model_kwargs
 from .losses import distillation_loss, supervised_loss
+from .profile import StepProfile
 
 # log.csv's columns, one row per epoch; "epoch" counts from 1, as the console's "epoch N/EPOCHS" does;
 # images_per_s is the training phase's whole rate, data_wait the share of it spent waiting for the next
@@ -86,6 +87,7 @@ class Run:
     amp_dtype: torch.dtype | None
     augment: BatchAugment
     forward_model: torch.nn.Module | None = None  # what the steps call: the model under DDP and torch.compile
+    teacher_forward: torch.nn.Module | None = None  # the teacher, compiled with --compile
     start_epoch: int = 0
     step: int = 0
     best_score: float = -math.inf  # the best validation mean AUC so far
@@ -177,7 +179,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         cfg = dataclasses.replace(cfg, data=str(data_dir))
     if ctx.main:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + ctx.rank)  # the model's initialization (DDP then broadcasts rank 0's)
+    # the model's initialization, the same in every process: DDP broadcasts rank 0's weights, but each
+    # process's EMA starts from its own copy
+    torch.manual_seed(cfg.seed)
     run = _build_run(cfg, ctx, _load_data(cfg, ctx))
     _resume_from_checkpoint(run)
     _wrap_for_steps(run)
@@ -249,7 +253,10 @@ def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> R
     if cfg.teacher is not None:
         teacher, _ = model_from_checkpoint(cfg.teacher)
         teacher.to(ctx.device).eval().requires_grad_(False)
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.channels_last or ctx.device.type == "cuda":  # a convolutional network's fast layout on a GPU
+            teacher.to(memory_format=torch.channels_last)
+    # fused: one kernel per step, and the update skipped on the device where a gradient is not finite
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps = data.steps_per_epoch
     scheduler = CosineLRScheduler(
         optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
@@ -265,17 +272,21 @@ def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> R
 def _wrap_for_steps(run: Run) -> None:
     """The rest of the model phase, once :func:`_resume_from_checkpoint` has loaded the weights: DDP
     (which broadcasts rank 0's weights as it wraps) and torch.compile around the model, as
-    ``run.forward_model``."""
-    forward_model = run.model
+    ``run.forward_model``, and torch.compile around the teacher, as ``run.teacher_forward``."""
+    forward_model, teacher = run.model, run.teacher
     if run.ctx.distributed:
-        # the authors' crop never trains its ROI predictor: those parameters get no gradient
+        # the authors' crop never trains its ROI predictor: those parameters get no gradient. Gradients are
+        # views of DDP's all-reduce buckets (no copy in or out of them). static_graph is left off: in
+        # PyTorch 2.14 its backward reads a value on the host for every parameter, every step
         frozen_roi = any(m.roi_mode == "crop" for m in getattr(run.model, "mxa_modules", list)())
         forward_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.ctx.device.index] if run.ctx.device.type == "cuda" else None,
-            find_unused_parameters=frozen_roi)
-    if run.cfg.compile:
-        forward_model = torch.compile(forward_model)
-    run.forward_model = forward_model
+            find_unused_parameters=frozen_roi, gradient_as_bucket_view=True)
+    if run.cfg.compile is not None:
+        mode = None if run.cfg.compile == "default" else run.cfg.compile
+        forward_model = torch.compile(forward_model, mode=mode)
+        teacher = teacher and torch.compile(teacher, mode=mode)
+    run.forward_model, run.teacher_forward = forward_model, teacher
 
 
 def _resume_from_checkpoint(run: Run) -> None:
@@ -289,6 +300,8 @@ def _resume_from_checkpoint(run: Run) -> None:
         if run.ema is not None:
             load_weights(run.ema.module, checkpoint["model_ema"], last, cfg.model)
         run.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in run.optimizer.param_groups:  # a checkpoint from before the AdamW was fused says unfused
+            group.update(fused=True, foreach=None)
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.scaler.load_state_dict(checkpoint["scaler"])
         run.start_epoch, run.best_score, run.step = checkpoint["epoch"] + 1, checkpoint["best_auc"], checkpoint["step"]
@@ -368,88 +381,216 @@ def _check_resumable(run: Run, checkpoint: dict) -> None:
 
 
 def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
-    """One epoch's training steps (at most ``data.steps_per_epoch``), with a progress bar."""
+    """One epoch's training steps (at most ``data.steps_per_epoch``), with a progress bar. The steps queue
+    their work and never wait for the device; every ``--log-every`` steps and at the epoch's end a logging
+    point (:func:`_read_steps`) reads what they left on it."""
     cfg, ctx, data = run.cfg, run.ctx, run.data
     data.train_loader.sampler.set_epoch(epoch)  # the epoch reaches the workers with each index
     # the batched augmentations' draws: a function of (seed, epoch, rank), like the rest of the epoch's data
     generator = torch.Generator(ctx.device).manual_seed(((cfg.seed * 100_003 + epoch) * 1009 + ctx.rank) % 2**63)
     run.model.train()
-    total, count, seen, skipped, waited = 0.0, 0, 0, 0, 0.0
-    # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm
-    bn_buffers = [b for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                  for b in m.buffers(recurse=False)] if cfg.on_nonfinite == "skip" else []
+    # --on-nonfinite skip: a skipped batch's forward must not leave its statistics in BatchNorm (raise: the
+    # run stops at the next logging point, saving nothing)
+    bn_guard = BatchNormGuard(run.model) if cfg.on_nonfinite == "skip" else None
+    profiling = cfg.profile_steps and epoch == run.start_epoch and ctx.main
+    profile = StepProfile(cfg.profile_steps if profiling else 0, data.steps_per_epoch, ctx.device, run.out / "profile")
+    tally, pending, waited = EpochTally(), [], 0.0
     bar = tqdm(total=data.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and ctx.main))
     batches = iter(data.train_loader)
     for batch_no in range(data.steps_per_epoch):
+        profile.step_begins(batch_no)
         asked = time.perf_counter()
         images, targets, mask, index = next(batches)
         waited += time.perf_counter() - asked
+        profile.waited(time.perf_counter() - asked)
+        pending.append(_train_step(run, images, targets, mask, index, batch_no, generator, bn_guard, profile))
         bar.update()
-        images = run.augment(images.to(ctx.device, non_blocking=True), generator)  # uint8 until here
-        targets, mask = targets.to(ctx.device, non_blocking=True), mask.to(ctx.device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        bn_backup = [b.clone() for b in bn_buffers]
-        loss = _loss(run, images, targets, mask)
-        loss_value = loss.item()  # the step's one host sync: the check and the progress figures
-        if distributed.any_rank(ctx, not math.isfinite(loss_value)):  # every rank acts alike, none waits
-            _skip_or_raise(run, loss_value, images, index, epoch, batch_no)
-            skipped += 1
-            torch._foreach_copy_(bn_buffers, bn_backup)
-            continue
-        _optimizer_step(run, loss)
-        total += loss_value * images.shape[0]
-        count += images.shape[0]
-        seen += images.shape[0] * ctx.world_size
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / elapsed:.1f}", data_wait=f"{waited / elapsed:.0%}")
+        if (line := profile.step_ends(batch_no, epoch)) is not None:
+            tqdm.write(line)
+        if (batch_no + 1) % cfg.log_every == 0 or batch_no + 1 == data.steps_per_epoch:
+            _read_steps(run, pending, tally, epoch)
+            pending.clear()
+            elapsed = time.perf_counter() - started
+            if tally.images:
+                bar.set_postfix(loss=f"{tally.loss_sum / tally.images:.4f}", img_s=f"{tally.seen / elapsed:.1f}",
+                                data_wait=f"{waited / elapsed:.0%}")
     bar.close()
     elapsed = time.perf_counter() - started
-    return EpochStats(total / count if count else None, seen / elapsed, waited / elapsed,
-                      seen / max(elapsed - waited, 1e-9), skipped)
+    return EpochStats(tally.loss_sum / tally.images if tally.images else None, tally.seen / elapsed,
+                      waited / elapsed, tally.seen / max(elapsed - waited, 1e-9), tally.skipped)
 
 
-def _loss(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The batch's loss: supervised, or distilled from the teacher."""
+@dataclass
+class StepRecord:
+    """What the host keeps of a step until the next logging point: the step's tensors stay on the device."""
+
+    batch_no: int
+    images: int
+    index: torch.Tensor  # the batch's sample indices in the training set (on the host)
+    loss: torch.Tensor  # 0-d
+    skipped: torch.Tensor  # 0-d float32, 1 where the update was skipped (loss or gradients not finite)
+    inputs_finite: torch.Tensor | None  # per image, for a batch that reached the device as floats
+
+
+@dataclass
+class EpochTally:
+    """The epoch's figures, as read at its logging points so far."""
+
+    loss_sum: float = 0.0  # over the images of the batches kept, on this process
+    images: int = 0
+    seen: int = 0  # the images of the batches kept, on every process
+    skipped: int = 0
+
+
+def _train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, index: torch.Tensor,
+                batch_no: int, generator: torch.Generator, bn_guard: BatchNormGuard | None,
+                profile: StepProfile) -> StepRecord:
+    """One training step, queued without waiting for the device (no value is read on the host)."""
+    cfg, device = run.cfg, run.ctx.device
+    if cfg.compile == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+    with profile.phase("augment"):
+        images = images.to(device, non_blocking=True)
+        # uint8 holds no NaN; a batch of floats (from a dataset that yields them) is checked, to name its files
+        inputs_finite = torch.isfinite(images).flatten(1).all(dim=1) if images.is_floating_point() else None
+        images = run.augment(images, generator)  # uint8 until here
+        targets, mask = targets.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+    if bn_guard is not None:
+        bn_guard.save()
+    loss = _loss(run, images, targets, mask, profile)
+    with profile.phase("optimizer"):
+        skipped = _optimizer_step(run, loss, bn_guard)
+    return StepRecord(batch_no, images.shape[0], index, loss.detach(), skipped, inputs_finite)
+
+
+def _loss(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+          profile: StepProfile) -> torch.Tensor:
+    """The batch's loss: supervised, or distilled from the teacher; its backward queued."""
     cfg = run.cfg
     with torch.autocast(run.ctx.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        outputs = run.forward_model(images)
-        if run.teacher is None:
-            return supervised_loss(outputs, targets, mask)
-        with torch.no_grad():
-            teacher_logits = run.teacher(images)
-        return distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
+        with profile.phase("forward"):
+            outputs = run.forward_model(images)
+        teacher_logits = None
+        if run.teacher is not None:
+            with profile.phase("teacher"), torch.inference_mode():
+                teacher_logits = run.teacher_forward(images)
+    with profile.phase("backward"):
+        if teacher_logits is None:
+            loss = supervised_loss(outputs, targets, mask)
+        else:
+            loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+    return loss
 
 
-def _optimizer_step(run: Run, loss: torch.Tensor) -> None:
-    """Backward, optional clipping, the (scaled) optimizer step, the schedule and the EMA."""
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+def _optimizer_step(run: Run, loss: torch.Tensor, bn_guard: BatchNormGuard | None) -> torch.Tensor:
+    """Clipping, the AdamW step, the schedule and the EMA, after the backward; returns a 0-d float32 flag on
+    the device, 1 where the loss or a gradient is not finite. Such a step is skipped on the device: the fused
+    AdamW leaves the weights, its moments and its step count as they were (a float16 run's gradient scaler
+    also lowers its scale), the EMA is not moved and BatchNorm's statistics are put back (``bn_guard``);
+    the learning-rate schedule, a function of the batch count, moves on. Under DDP the gradients are
+    averaged before the check: a non-finite one on any process makes every process skip."""
+    optimizer = run.optimizer
+    run.scaler.unscale_(optimizer)  # float16: the gradients divided by the scale (a no-op otherwise)
+    skipped = (~torch.isfinite(loss.detach())).float()
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, skipped, loss.new_ones((), dtype=torch.float32))
     if run.cfg.clip_grad is not None:
-        run.scaler.unscale_(run.optimizer)
         dispatch_clip_grad(run.model.parameters(), run.cfg.clip_grad, mode=run.cfg.clip_mode)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    if run.scaler.is_enabled():
+        run.scaler.step(optimizer)  # hands the fused AdamW the scaler's own found-inf flag
+        run.scaler.update()
+    else:
+        optimizer.found_inf = skipped  # read by the fused AdamW on the device, as GradScaler hands it
+        optimizer.step()
+        del optimizer.found_inf
+    if bn_guard is not None:
+        bn_guard.restore(skipped)
     run.step += 1
     run.scheduler.step_update(run.step)
     if run.ema is not None:
-        run.ema.update(run.model, step=run.step)
+        _update_ema(run.ema, run.model, (1.0 - skipped) * (1.0 - run.ema.get_decay(run.step)))
+    return skipped
 
 
-def _skip_or_raise(run: Run, loss_value: float, images: torch.Tensor, index: torch.Tensor, epoch: int,
-                   batch_no: int) -> None:
-    """A batch whose loss is not finite on some rank: raise naming it (``--on-nonfinite raise``), or say
-    that it is skipped."""
+@torch.no_grad()
+def _update_ema(ema: ModelEmaV3, model: torch.nn.Module, weight: torch.Tensor) -> None:
+    """timm's ``ModelEmaV3`` update (floats moved ``weight`` of the way to the model's, the other buffers
+    copied) with ``weight`` a 0-d tensor on the device, 0 for a skipped step: its own update takes a number,
+    which a tensor would be read into on the host."""
+    floats = []
+    for ema_value, value in zip(ema.module.state_dict().values(), model.state_dict().values()):
+        if ema_value.is_floating_point():
+            floats.append((ema_value, value))
+        else:
+            ema_value.copy_(value)
+    ema_values = [e for e, _ in floats]
+    step = torch._foreach_sub([v for _, v in floats], ema_values)
+    torch._foreach_mul_(step, weight)
+    torch._foreach_add_(ema_values, step)
+
+
+class BatchNormGuard:
+    """The BatchNorm statistics of a model as they were before a step, put back on the device where the
+    step was skipped: one copy per dtype, and one select (the running means and variances, and the
+    batch counts)."""
+
+    def __init__(self, model: torch.nn.Module):
+        buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for b in m.buffers(recurse=False)]
+        self.groups = [[b for b in buffers if b.dtype == dtype] for dtype in dict.fromkeys(b.dtype for b in buffers)]
+        self.saved = []
+
+    def save(self) -> None:
+        self.saved = [torch.cat([b.flatten() for b in group]) for group in self.groups]
+
+    def restore(self, skipped: torch.Tensor) -> None:
+        for group, saved in zip(self.groups, self.saved):
+            now = torch.cat([b.flatten() for b in group])
+            kept = torch.where(skipped > 0, saved, now).split([b.numel() for b in group])
+            torch._foreach_copy_(group, [k.view(b.shape) for k, b in zip(kept, group)])
+
+
+def _read_steps(run: Run, pending: list[StepRecord], tally: EpochTally, epoch: int) -> None:
+    """A logging point: the one read of the device for ``pending``'s steps (under DDP, one all-reduce of
+    their flags first, so that every process counts and stops alike), added to ``tally``. A batch whose
+    loss is not finite on some process, or whose gradients were not (a float16 run's scaler overflow
+    aside), is named: ``--on-nonfinite raise`` stops here, ``skip`` counts it."""
+    if not pending:
+        return
+    losses = torch.stack([r.loss.float() for r in pending])
+    bad = ~torch.isfinite(losses)
+    if not run.scaler.is_enabled():  # float16 skips a step for an overflow of its scale, not of the batch
+        bad |= torch.stack([r.skipped for r in pending]) > 0
+    flags = distributed.any_rank(run.ctx, bad.float())
+    values = torch.cat([losses, flags]).tolist()
+    for record, loss, flag in zip(pending, values[:len(pending)], values[len(pending):]):
+        if not flag:
+            tally.loss_sum += loss * record.images
+            tally.images += record.images
+            tally.seen += record.images * run.ctx.world_size
+            continue
+        tally.skipped += 1
+        _skip_or_raise(run, record, loss, epoch)
+
+
+def _skip_or_raise(run: Run, record: StepRecord, loss: float, epoch: int) -> None:
+    """A batch skipped for a non-finite loss or gradient: raise naming it (``--on-nonfinite raise``), or say
+    that it was skipped."""
     # each process names its own share of the batch
-    if math.isfinite(loss_value):
-        where = f"a non-finite loss in another process at epoch {epoch + 1}, batch {batch_no + 1}"
+    batch = f"epoch {epoch + 1}, batch {record.batch_no + 1}"
+    if math.isfinite(loss) and run.ctx.distributed:
+        where = f"a non-finite loss in another process, or non-finite gradients, at {batch}"
     else:
-        where = _nonfinite_report(loss_value, images, index, run.data.train_set, epoch, batch_no)
+        where = _nonfinite_report(loss, record, run.data.train_set, batch)
         where = f"process {run.ctx.rank}: {where}" if run.ctx.distributed else where
     if run.cfg.on_nonfinite == "raise":
         raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
-    if not math.isfinite(loss_value):
+    if not math.isfinite(loss) or not run.ctx.distributed:
         print(f"\n--on-nonfinite skip: {where}: batch skipped", flush=True)
 
 
@@ -539,18 +680,18 @@ def _show_epoch(run: Run, epoch: int, row: dict, report: dict, ema_report: dict 
             f"valid mean AUC {shown}" + (" (best)" if is_best else ""))
 
 
-def _nonfinite_report(loss_value: float, images: torch.Tensor, index: torch.Tensor, dataset, epoch: int,
-                      batch_no: int) -> str:
-    """Where a non-finite loss came from: the batch, and the files whose images hold NaN or Inf, or
-    that the inputs were finite (the model diverged)."""
-    where = f"loss {loss_value} at epoch {epoch + 1}, batch {batch_no + 1}"
-    bad = (~torch.isfinite(images).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+def _nonfinite_report(loss: float, record: StepRecord, dataset, batch: str) -> str:
+    """Where a non-finite loss (or gradient, with a finite loss) came from: the batch, and the files whose
+    images hold NaN or Inf, or that the inputs were finite (the model diverged)."""
+    where = f"loss {loss} at {batch}" if not math.isfinite(loss) else f"non-finite gradients at {batch} (loss {loss})"
+    finite = record.inputs_finite.tolist() if record.inputs_finite is not None else [True] * len(record.index)
+    bad = [i for i, ok in enumerate(finite) if not ok]
     if bad:
-        files = [str(dataset.records[int(index[i])].path) for i in bad]
+        files = [str(dataset.records[int(record.index[i])].path) for i in bad]
         return f"{where}: non-finite input in {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "")
-    files = [str(dataset.records[int(i)].path) for i in index[:3]]
-    return (f"{where} with finite inputs ({', '.join(files)}{' ...' if len(index) > 3 else ''}): the training "
-            "diverged; lower --lr or use --clip-grad")
+    files = [str(dataset.records[int(i)].path) for i in record.index[:3]]
+    return (f"{where} with finite inputs ({', '.join(files)}{' ...' if len(record.index) > 3 else ''}): the "
+            "training diverged; lower --lr or use --clip-grad")
 
 
 def _tensorboard(out: Path):
