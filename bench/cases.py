@@ -13,6 +13,10 @@ arguments. Providers:
 - ``sdpa``: ``F.scaled_dot_product_attention`` on window copies with the bias as its mask;
 - ``timm plain``: timm's EfficientViT of the same variant without MXA (model level).
 
+The ``densenet121_teacher`` case times the distillation teacher's forward as a distilled training step
+runs it, beside the student's step: ``eager`` is the teacher without ``--compile``, ``torch.compile``
+with it.
+
 Modes: ``forward`` and ``forward+backward`` (kernels and blocks; backward with a fixed output
 gradient), ``inference`` (eval mode under ``torch.inference_mode``), ``train`` (models: forward,
 backward and an AdamW step). Forward and inference calls return their output, the others the
@@ -324,12 +328,7 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(case.shape, generator=gen).to(device)
     labels = (torch.rand(batch, 14, generator=gen) < 0.3).float().to(device)
-
-    def autocast():
-        if case.torch_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=case.torch_dtype)
-
+    autocast = functools.partial(_autocast, case, device)
     torch.manual_seed(0)
     mxa = mxa_model.create_model(f"mxa_{variant}", roi_mode="crop", **common).to(device)  # the authors' model
     work = Workload()
@@ -367,3 +366,34 @@ def build_model(case: Case, device: torch.device, providers: tuple[str, ...]) ->
         work.calls[provider] = {"train": train, "inference": inference}
     return work
 
+
+
+def _autocast(case: Case, device: torch.device):
+    """Autocast to a half-precision case's dtype (float32 weights, as the trainer's ``--amp``)."""
+    if case.torch_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=case.torch_dtype)
+
+
+def build_teacher(case: Case, device: torch.device, providers: tuple[str, ...]) -> Workload:
+    """``densenet121``, 14 labels, 1 channel: the distillation teacher's forward as the trainer runs it
+    (:func:`mxa_model.train.loop.prepare_teacher`, under ``torch.inference_mode`` and autocast)."""
+    from mxa_model.train.checkpoint import build_model as build_named_model
+    from mxa_model.train.loop import prepare_teacher
+
+    images = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    torch.manual_seed(0)
+    teacher = prepare_teacher(build_named_model("densenet121", {"num_classes": 14, "in_chans": case.shape[1]}),
+                              device, channels_last=False)
+    work = Workload()
+    for provider in providers:
+        if provider not in ("eager", *COMPILE_MODES):
+            raise ValueError(f"case {case.name} has no provider {provider!r}")
+        runner = _compiled(teacher, provider) if provider in COMPILE_MODES else teacher
+
+        def inference(runner=runner):
+            with torch.inference_mode(), _autocast(case, device):
+                return runner(images).float()
+
+        work.calls[provider] = {"inference": inference}
+    return work

@@ -18,6 +18,7 @@ from .cases import (
     build_model,
     build_mxa_block,
     build_mxa_branch,
+    build_teacher,
     build_window_attention,
 )
 
@@ -57,11 +58,13 @@ def _window(value_dim: int, side: int, providers: tuple[str, ...]) -> Case:
 
 
 # Ordered by what matters most, since gpu_check.sh may stop the run at its time limit: the model
-# (the targets), then stage 1 (M5's largest maps) with torch.compile, then the later stages without it
+# (the targets) and the distillation teacher beside it, then stage 1 (M5's largest maps) with torch.compile, then the later stages without it
 # (each compilation costs tens of seconds), then float32, then max-autotune (minutes of tuning).
 FULL = (
     Case("efficientvit_m5", "model", (256, 1, 224, 224), "bfloat16", MODEL_MODES,
          ("eager", "triton", "triton+compile", "torch.compile", "timm plain"), build_model),
+    Case("densenet121_teacher", "model", (256, 1, 224, 224), "bfloat16", ("inference",), ("eager", "torch.compile"),
+         build_teacher),
     *(_branch(mode, *_STAGE1, ("eager", "triton", "torch.compile")) for mode in ("crop", "align")),
     _window(M5_STAGES[0].value_dim, _STAGE1[1], ("eager", "triton", "triton+compile", "torch.compile", "sdpa")),
     *(Case(f"mxa_block_{mode}", "block", (256, *_STAGE1, _STAGE1[1]), "bfloat16", BLOCK_MODES,

@@ -388,13 +388,18 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
                WHEELS_DIR=str(tmp_path / "no-wheels"),
                TESTS="tests/test_bench.py::test_list_shows_the_cases",
                BENCH_ARGS="--batch 2 --repeats 1 --cases window_attention --providers eager,sdpa",
-               LOADER_ARGS="--images 6 --img-size 32 --batch 4 --repeats 1")
+               LOADER_ARGS="--images 6 --img-size 32 --batch 4 --repeats 1",
+               TRAIN_ARGS="--images 12 --batch-size 4 --img-size 32 --model mxa_efficientvit_m0 --backend eager "
+                          "--compile none --profile-steps 1 --workers 0")
     script = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert [n.split("_", 1)[1] for n in names if n.startswith("20")] == [
-        "cpu_full.json", "cpu_full.png", "cpu_full.txt", "cpu_loader.json", "cpu_loader.txt", "cpu_tests.txt"]
+        "cpu_full.json", "cpu_full.png", "cpu_full.txt", "cpu_loader.json", "cpu_loader.txt", "cpu_tests.txt",
+        "cpu_train.txt"]
+    trained = next(out.glob("20*_cpu_train.txt")).read_text()
+    assert "distilling from" in trained and "profile of steps 3-3 of epoch 1: " in trained and " teacher " in trained
     loader = json.loads(next(out.glob("20*_cpu_loader.json")).read_text())
     assert [r["stage"] for r in loader] == ["decode", "worker", "worker_cached", "device_augment"]
     records = json.loads(next(out.glob("20*_cpu_full.json")).read_text())

@@ -251,10 +251,7 @@ def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> R
         model.to(memory_format=torch.channels_last)
     teacher = None
     if cfg.teacher is not None:
-        teacher, _ = model_from_checkpoint(cfg.teacher)
-        teacher.to(ctx.device).eval().requires_grad_(False)
-        if cfg.channels_last or ctx.device.type == "cuda":  # a convolutional network's fast layout on a GPU
-            teacher.to(memory_format=torch.channels_last)
+        teacher = prepare_teacher(model_from_checkpoint(cfg.teacher)[0], ctx.device, cfg.channels_last)
     # fused: one kernel per step, and the update skipped on the device where a gradient is not finite
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps = data.steps_per_epoch
@@ -267,6 +264,16 @@ def _build_run(cfg: TrainConfig, ctx: distributed.Context, data: TrainData) -> R
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     return Run(cfg, ctx, data, kwargs, model, teacher, ema, optimizer, scheduler, scaler, amp_dtype,
                BatchAugment(cfg.img_size, cfg.augment))
+
+
+def prepare_teacher(teacher: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The distillation teacher as the steps run it (under ``torch.inference_mode`` and the run's autocast):
+    on ``device``, in eval mode, without gradients, and channels_last on a GPU (a convolutional network's
+    fast layout there) or where asked."""
+    teacher.to(device).eval().requires_grad_(False)
+    if channels_last or device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
 
 
 def _wrap_for_steps(run: Run) -> None:
@@ -285,7 +292,8 @@ def _wrap_for_steps(run: Run) -> None:
     if run.cfg.compile is not None:
         mode = None if run.cfg.compile == "default" else run.cfg.compile
         forward_model = torch.compile(forward_model, mode=mode)
-        teacher = teacher and torch.compile(teacher, mode=mode)
+        if teacher is not None:
+            teacher = torch.compile(teacher, mode=mode)
     run.forward_model, run.teacher_forward = forward_model, teacher
 
 
@@ -402,8 +410,9 @@ def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
         profile.step_begins(batch_no)
         asked = time.perf_counter()
         images, targets, mask, index = next(batches)
-        waited += time.perf_counter() - asked
-        profile.waited(time.perf_counter() - asked)
+        wait = time.perf_counter() - asked
+        waited += wait
+        profile.waited(wait)
         pending.append(_train_step(run, images, targets, mask, index, batch_no, generator, bn_guard, profile))
         bar.update()
         if (line := profile.step_ends(batch_no, epoch)) is not None:

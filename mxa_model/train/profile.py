@@ -87,7 +87,7 @@ class StepProfile:
         self.active = False
         spent = {phase: sum(_seconds(start, end) for start, end in marks) for phase, marks in self.times.items()}
         steps = self.last - self.first + 1
-        shares = [f"{phase} {spent[phase] / wall:.0%}" for phase in PHASES]
+        shares = [f"{phase} {spent[phase] / wall:.0%}" for phase in PHASES if self.times[phase]]  # no teacher: none
         other = wall - sum(spent.values())  # host work outside the phases (negative where the device's
         if other > 0:                       # phases ran while the host waited for data)
             shares.append(f"other {other / wall:.0%}")
