@@ -76,14 +76,18 @@ def assert_same_training_state(got: dict, want: dict) -> None:
 class HostSyncs:
     """Counts, while entered, the calls that make the host wait for a GPU: reads of a tensor's values
     (``.item()``, ``bool()``, ``int()``, ``float()``: ATen's ``_local_scalar_dense``; ``.tolist()``,
-    ``.numpy()``, ``.cpu()``), the operations whose output size depends on values (``nonzero``,
-    indexing with a boolean mask, ``masked_select``, ``unique``), and ``torch.distributed``'s collectives
-    (a flag shared across processes needs one; DDP's own broadcasts and gradient all-reduces are not
-    these Python functions). Counted by what is asked, on any device: on the CPU, where nothing waits, a
-    test still sees every call that would wait on a GPU. ``events``: the counts by name."""
+    ``.numpy()``, ``.cpu()``, ``torch.equal``), copies from a device to the host (``.to("cpu")``,
+    ``copy_``), the operations whose output size depends on values (``nonzero``, indexing with a boolean
+    mask, ``masked_select``, ``unique``), ``torch.cuda.synchronize``, and ``torch.distributed``'s
+    collectives (a flag shared across processes needs one; DDP's own broadcasts and gradient all-reduces
+    are not these Python functions). Counted by what is asked, on any device: on the CPU, where nothing
+    waits, a test still sees every call that would wait on a GPU (a read of a tensor that lives on the host
+    there too, such as the unfused AdamW's step counts, is counted all the same). ``events``: the counts
+    by name."""
 
     READS = {"tolist", "numpy", "cpu"}  # Tensor methods that copy values to the host without an ATen read
-    WAITING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+    WAITING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                   "equal"}
     COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object",
                    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
                    "gather", "scatter", "barrier")
@@ -101,10 +105,14 @@ class HostSyncs:
         class Dispatch(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.overloadpacket.__name__
+                out = func(*args, **(kwargs or {}))
                 if name in HostSyncs.WAITING_OPS or (name == "index" and any(
                         isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
                     counter.events[name] += 1
-                return func(*args, **(kwargs or {}))
+                elif name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "cpu" \
+                        and args[1 if name == "copy_" else 0].device.type != "cpu":
+                    counter.events[f"{name} to the host"] += 1
+                return out
 
         self._modes = (Functions(), Dispatch())
         self._collectives = {}
@@ -125,6 +133,8 @@ class HostSyncs:
         for name in self.COLLECTIVES:
             self._collectives[name] = getattr(dist, name)
             setattr(dist, name, self._counted(name, self._collectives[name]))
+        self._synchronize = torch.cuda.synchronize
+        torch.cuda.synchronize = self._counted("cuda.synchronize", self._synchronize)
         for mode in self._modes:
             mode.__enter__()
         return self
@@ -136,3 +146,4 @@ class HostSyncs:
             mode.__exit__(*exc)
         for name, collective in self._collectives.items():
             setattr(dist, name, collective)
+        torch.cuda.synchronize = self._synchronize

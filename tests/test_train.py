@@ -73,8 +73,11 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(data, tmp_path,
     monkeypatch.undo()
     state = ckpt.load_checkpoint(broken / "last.pt")
     assert state["epoch"] == 0 and state["world_size"] == 1
-    # as a checkpoint from before per-process random states held them: one dict, no process count
+    # as a checkpoint from before per-process random states held them: one dict, no process count; and
+    # from before the AdamW was fused
     del state["world_size"]
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=None)
     ckpt.save_checkpoint(broken / "last.pt", dict(state, rng=state["rng"][0]))
     capsys.readouterr()
     train(config(data, broken, resume="last"))

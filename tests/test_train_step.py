@@ -165,13 +165,20 @@ def test_a_non_finite_step_is_skipped_on_the_device(scaled):
 def test_the_ema_update_is_timms():
     run = tiny_run(False)
     timms = ModelEmaV3(run.model, decay=0.9)
-    for p in run.model.parameters():
-        p.data.add_(torch.randn_like(p))
-    for step_no in (1, 2):  # the first update copies (decay 0), the second moves a tenth of the way
+    for step_no in (1, 2, 3):  # the first update copies (decay 0), the others move a tenth of the way
+        for p in run.model.parameters():
+            p.data.add_(torch.randn_like(p))
         timms.update(run.model, step=step_no)
-        loop._update_ema(run.ema, run.model, torch.tensor(1.0 - run.ema.get_decay(step_no)))
+        decay = run.ema.get_decay(step_no)
+        if decay:  # a skipped step: nothing moves (at decay 0 the EMA copies the model, which a skip left alone)
+            before = [v.clone() for v in run.ema.module.state_dict().values()]
+            loop._update_ema(run.ema, run.model, decay, torch.tensor(1.0))
+            assert all(torch.equal(a, b) for a, b in zip(run.ema.module.state_dict().values(), before))
+        loop._update_ema(run.ema, run.model, decay, torch.tensor(0.0))
         for got, want in zip(run.ema.module.state_dict().values(), timms.module.state_dict().values()):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+            if step_no == 1:
+                assert torch.equal(got, want)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 def test_the_teacher_runs_under_inference_mode_and_the_profile_names_every_phase(data, teacher, tmp_path,

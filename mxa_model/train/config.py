@@ -22,7 +22,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 RESUME_MODES = ("last", "auto")
 CLIP_MODES = ("norm", "agc", "value")
 # torch.compile's modes: default (Inductor's kernels), reduce-overhead (also CUDA graphs: a step's launches
-# replayed at once), max-autotune (also the fastest of several kernel choices, timed at compile time)
+# replayed at once), max-autotune (also the fastest of several kernel choices, timed at compile time, and
+# CUDA graphs)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 BAD_DATA_HELP = ("a malformed CSV row or unreadable image: stop naming it, or skip: check every image up front, "
                  "leave the bad ones out and count them")
@@ -66,7 +67,7 @@ class TrainConfig:
     channels_last: bool = setting(False, "NHWC memory format")
     backend: str | None = setting(None, "kernel backend", mxa_kernels.BACKENDS, shown="auto")
     compile: str | None = setting(None, "torch.compile the model and the teacher: default; reduce-overhead: also "
-                                  "CUDA graphs (GPU); max-autotune: also kernels chosen by timing them",
+                                  "CUDA graphs (GPU); max-autotune: also kernels chosen by timing them, and CUDA graphs",
                                   COMPILE_MODES, shown="off", bare="default")
     seed: int = setting(0, "random seed")
     workers: int | str = setting(2, "data loader worker processes, per process (0: load in the main process; "

@@ -183,6 +183,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     # process's EMA starts from its own copy
     torch.manual_seed(cfg.seed)
     run = _build_run(cfg, ctx, _load_data(cfg, ctx))
+    torch.manual_seed(cfg.seed + ctx.rank)  # each process's own draws from here on (dropout, drop path)
     _resume_from_checkpoint(run)
     _wrap_for_steps(run)
     run.tensorboard = _tensorboard(run.out) if ctx.main else None
@@ -282,8 +283,9 @@ def _wrap_for_steps(run: Run) -> None:
     ``run.forward_model``, and torch.compile around the teacher, as ``run.teacher_forward``."""
     forward_model, teacher = run.model, run.teacher
     if run.ctx.distributed:
-        # the authors' crop never trains its ROI predictor: those parameters get no gradient. Gradients are
-        # views of DDP's all-reduce buckets (no copy in or out of them). static_graph is left off: in
+        # the authors' crop never trains its ROI predictor: those parameters get no gradient (and DDP's search
+        # for them copies its map of used parameters to the host each step). Gradients become views of DDP's
+        # all-reduce buckets once copied in, not a second copy of them. static_graph is left off: in
         # PyTorch 2.14 its backward reads a value on the host for every parameter, every step
         frozen_roi = any(m.roi_mode == "crop" for m in getattr(run.model, "mxa_modules", list)())
         forward_model = torch.nn.parallel.DistributedDataParallel(
@@ -307,9 +309,11 @@ def _resume_from_checkpoint(run: Run) -> None:
         load_weights(run.model, checkpoint["model"], last, cfg.model)
         if run.ema is not None:
             load_weights(run.ema.module, checkpoint["model_ema"], last, cfg.model)
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in run.optimizer.param_groups:  # a checkpoint from before the AdamW was fused says unfused
+        # a checkpoint from before the AdamW was fused says unfused: the load would keep its step counts on
+        # the host, where the fused kernel cannot read them
+        for group in checkpoint["optimizer"]["param_groups"]:
             group.update(fused=True, foreach=None)
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.scaler.load_state_dict(checkpoint["scaler"])
         run.start_epoch, run.best_score, run.step = checkpoint["epoch"] + 1, checkpoint["best_auc"], checkpoint["step"]
@@ -457,7 +461,7 @@ def _train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: tor
                 profile: StepProfile) -> StepRecord:
     """One training step, queued without waiting for the device (no value is read on the host)."""
     cfg, device = run.cfg, run.ctx.device
-    if cfg.compile == "reduce-overhead":
+    if cfg.compile in ("reduce-overhead", "max-autotune"):  # modes that capture CUDA graphs
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
     with profile.phase("augment"):
         images = images.to(device, non_blocking=True)
@@ -468,7 +472,8 @@ def _train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: tor
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
     if bn_guard is not None:
-        bn_guard.save()
+        with profile.phase("optimizer"):  # the non-finite bookkeeping
+            bn_guard.save()
     loss = _loss(run, images, targets, mask, profile)
     with profile.phase("optimizer"):
         skipped = _optimizer_step(run, loss, bn_guard)
@@ -491,8 +496,11 @@ def _loss(run: Run, images: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
             loss = supervised_loss(outputs, targets, mask)
         else:
             loss = distillation_loss(outputs, targets, mask, teacher_logits, cfg.alpha, cfg.tau, cfg.distill_type)
+        # a non-finite loss makes every gradient NaN (its gradients could otherwise stay finite, an Inf in a
+        # sum): under DDP the average then carries it to every process, and all skip the same update
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
         run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
+        run.scaler.scale(loss * poison).backward()
     return loss
 
 
@@ -502,7 +510,8 @@ def _optimizer_step(run: Run, loss: torch.Tensor, bn_guard: BatchNormGuard | Non
     AdamW leaves the weights, its moments and its step count as they were (a float16 run's gradient scaler
     also lowers its scale), the EMA is not moved and BatchNorm's statistics are put back (``bn_guard``);
     the learning-rate schedule, a function of the batch count, moves on. Under DDP the gradients are
-    averaged before the check: a non-finite one on any process makes every process skip."""
+    averaged before the check, and a non-finite loss made its gradients NaN (:func:`_loss`): a non-finite
+    value on any process makes every process skip."""
     optimizer = run.optimizer
     run.scaler.unscale_(optimizer)  # float16: the gradients divided by the scale (a no-op otherwise)
     skipped = (~torch.isfinite(loss.detach())).float()
@@ -522,24 +531,27 @@ def _optimizer_step(run: Run, loss: torch.Tensor, bn_guard: BatchNormGuard | Non
     run.step += 1
     run.scheduler.step_update(run.step)
     if run.ema is not None:
-        _update_ema(run.ema, run.model, (1.0 - skipped) * (1.0 - run.ema.get_decay(run.step)))
+        _update_ema(run.ema, run.model, run.ema.get_decay(run.step), skipped)
     return skipped
 
 
 @torch.no_grad()
-def _update_ema(ema: ModelEmaV3, model: torch.nn.Module, weight: torch.Tensor) -> None:
-    """timm's ``ModelEmaV3`` update (floats moved ``weight`` of the way to the model's, the other buffers
-    copied) with ``weight`` a 0-d tensor on the device, 0 for a skipped step: its own update takes a number,
-    which a tensor would be read into on the host."""
-    floats = []
-    for ema_value, value in zip(ema.module.state_dict().values(), model.state_dict().values()):
-        if ema_value.is_floating_point():
-            floats.append((ema_value, value))
-        else:
+def _update_ema(ema: ModelEmaV3, model: torch.nn.Module, decay: float, skipped: torch.Tensor) -> None:
+    """timm's ``ModelEmaV3`` update as the trainer builds it (no dtype, device or buffer options): floats
+    moved ``1 - decay`` of the way to the model's, the other buffers copied; not moved where ``skipped``
+    (a 0-d device flag) is 1. timm's own update takes the weight as a number, which a tensor would be read
+    into on the host. At decay 0 (the first step) the EMA becomes the model, as timm's exact copy: a
+    skipped first step left the model as it was, and the EMA is a copy of it."""
+    pairs = list(zip(ema.module.state_dict().values(), model.state_dict().values()))
+    floats = [(e, v) for e, v in pairs if e.is_floating_point()]
+    for ema_value, value in pairs:
+        if not ema_value.is_floating_point() or decay == 0.0:
             ema_value.copy_(value)
+    if decay == 0.0:
+        return
     ema_values = [e for e, _ in floats]
     step = torch._foreach_sub([v for _, v in floats], ema_values)
-    torch._foreach_mul_(step, weight)
+    torch._foreach_mul_(step, (1.0 - skipped) * (1.0 - decay))
     torch._foreach_add_(ema_values, step)
 
 
@@ -599,7 +611,7 @@ def _skip_or_raise(run: Run, record: StepRecord, loss: float, epoch: int) -> Non
         where = f"process {run.ctx.rank}: {where}" if run.ctx.distributed else where
     if run.cfg.on_nonfinite == "raise":
         raise FloatingPointError(f"{where} (--on-nonfinite skip skips such batches)")
-    if not math.isfinite(loss) or not run.ctx.distributed:
+    if not math.isfinite(loss) or run.ctx.main:  # the process that saw it; the main one says it in any case
         print(f"\n--on-nonfinite skip: {where}: batch skipped", flush=True)
 
 
