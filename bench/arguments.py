@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-SUITE_NAMES = ("smoke", "full", "cost", "loader")
+SUITE_NAMES = ("smoke", "full", "cost", "loader", "predict")
 PROVIDER_NAMES = ("eager", "triton", "triton+compile", "torch.compile", "torch.compile max-autotune",
                   "per-sample loop", "sdpa", "timm plain")
 
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke: CPU-sized, what CI runs; full: M5 shapes, batch 256, bf16, for a GPU; cost: "
                              "static GPU figures of the fused ops, no GPU needed, checked against "
                              "bench/baselines/cost.json; loader: the input pipeline's cost per image, on one thread "
-                             "as a loader worker runs it, and the batched augmentation on --device "
+                             "as a loader worker runs it, and the batched augmentation on --device; predict: a "
+                             "GPU time model calibrated on timm's published tables, and its predictions for --card "
                              "(default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -78,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loader.add_argument("--img-size", type=int, metavar="N", help="the crop side in pixels (default: 224)")
     loader.add_argument("--images", type=int, metavar="N",
                         help="the images timed per stage, and generated without --data (default: 200)")
+    predict = parser.add_argument_group("predict suite (--suite predict)")
+    predict.add_argument("--card", help="the card to predict for (default: H100; the cards of "
+                         "mxa_bench.predict.CARDS: H100, H200, A100, L4, RTX3090, RTX4090, RTX5090, RTXPRO6000MAXQ)")
+    predict.add_argument("--models", help="models to predict (comma list of the project's or timm's names; "
+                         "default: mxa_efficientvit_m5)")
     loader.add_argument("--target-images-per-s", type=float, metavar="R",
                         help="the training rate to feed: the worker processes it takes are reported "
                              "(default: 10000)")

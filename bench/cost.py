@@ -256,17 +256,22 @@ def eager_passes(op, args: tuple) -> dict[str, Callable[[], None]]:
     return {"forward": forward, "backward": backward}
 
 
-def count_pass(fn: Callable[[], None]) -> tuple[OpCount, list[TritonLaunch]]:
-    """The launching ATen ops and the Triton launches of one call of ``fn``. The tests' NaN poisoning of
-    kernel buffers (MXA_POISON_EMPTY) is off meanwhile: it is no part of an op."""
-    count, launches = OpCount(), []
+@contextlib.contextmanager
+def unpoisoned_buffers():
+    """The tests' NaN poisoning of kernel buffers (MXA_POISON_EMPTY) off meanwhile: it is no part of an op."""
     poison = os.environ.pop("MXA_POISON_EMPTY", None)
     try:
-        with recording_triton_launches(launches), LaunchCounter(count):
-            fn()
+        yield
     finally:
         if poison is not None:
             os.environ["MXA_POISON_EMPTY"] = poison
+
+
+def count_pass(fn: Callable[[], None]) -> tuple[OpCount, list[TritonLaunch]]:
+    """The launching ATen ops and the Triton launches of one call of ``fn``."""
+    count, launches = OpCount(), []
+    with unpoisoned_buffers(), recording_triton_launches(launches), LaunchCounter(count):
+        fn()
     return count, launches
 
 

@@ -340,6 +340,10 @@ def main(args: argparse.Namespace) -> int:
                     if getattr(args, name, None) is not None]
     if loader_flags:
         raise BenchError(f"{', '.join(loader_flags)}: the loader suite's flags (--suite loader)")
+    if args.suite == "predict":  # a time model, calibrated on published tables: bench/predict.py
+        from .predict import main as predict_report
+
+        return predict_report(args)
     if args.suite == "cost":  # static figures, nothing timed
         from .cost import main as cost_report
 

@@ -253,5 +253,5 @@ def test_bench_argument_names_match_the_suites_and_providers():
     from mxa_bench.cases import PROVIDERS
     from mxa_bench.suites import SUITES
 
-    assert arguments.SUITE_NAMES == (*SUITES, "cost", "loader")  # cost: static figures, bench/cost.py
+    assert arguments.SUITE_NAMES == (*SUITES, "cost", "loader", "predict")  # cost: static figures, bench/cost.py
     assert arguments.PROVIDER_NAMES == tuple(PROVIDERS)
