@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as a loader worker runs it, and the batched augmentation on --device; predict: a "
                              "GPU time model calibrated on timm's published tables, and its predictions for --card "
                              "(default: %(default)s)")
-    parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list)")
+    parser.add_argument("--json", metavar="FILE", help="write this run's records to FILE (a JSON list; the predict "
+                        "suite: an object with the calibration and the predictions)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--cases", help="only these cases (comma list; --list shows them; the cost suite: fused ops)")
     parser.add_argument("--providers", help=f"only these providers (comma list of: {', '.join(PROVIDER_NAMES)})")

@@ -92,15 +92,15 @@ CARDS = {
                            "300 W, base clock 1,590 MHz; throughputs scaled from the 600 W edition's"),
 }
 
-# the published tables: file, card, compiled (torch.compile), PyTorch release
+# the published tables (their names give the PyTorch and CUDA releases): file, card, compiled (torch.compile)
 TABLES = (
-    ("benchmark-infer-amp-nchw-pt291-cu128-4090.csv", "RTX4090", False, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt291-cu128-4090-dynamo.csv", "RTX4090", True, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt291-cu130-5090.csv", "RTX5090", False, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt291-cu130-5090-dynamo.csv", "RTX5090", True, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt291-cu130-pro6000maxq.csv", "RTXPRO6000MAXQ", False, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt291-cu130-pro6000maxq-dynamo.csv", "RTXPRO6000MAXQ", True, "2.9.1"),
-    ("benchmark-infer-amp-nchw-pt240-cu124-rtx3090.csv", "RTX3090", False, "2.4.0"),
+    ("benchmark-infer-amp-nchw-pt291-cu128-4090.csv", "RTX4090", False),
+    ("benchmark-infer-amp-nchw-pt291-cu128-4090-dynamo.csv", "RTX4090", True),
+    ("benchmark-infer-amp-nchw-pt291-cu130-5090.csv", "RTX5090", False),
+    ("benchmark-infer-amp-nchw-pt291-cu130-5090-dynamo.csv", "RTX5090", True),
+    ("benchmark-infer-amp-nchw-pt291-cu130-pro6000maxq.csv", "RTXPRO6000MAXQ", False),
+    ("benchmark-infer-amp-nchw-pt291-cu130-pro6000maxq-dynamo.csv", "RTXPRO6000MAXQ", True),
+    ("benchmark-infer-amp-nchw-pt240-cu124-rtx3090.csv", "RTX3090", False),
 )
 FIT_CARD = "RTX4090"
 FEATURE_BATCH = 1024  # the batch the timm models' operations are counted at (the tables' usual batch)
@@ -186,11 +186,12 @@ def _groups(name: str, args, kwargs) -> int:
     return int(args[index]) if len(args) > index else int(kwargs.get("groups", 1))
 
 
-def count_ops(model: torch.nn.Module, shape: tuple[int, ...], train: bool = False) -> list[Op]:
+def count_ops(model: torch.nn.Module, shape: tuple[int, ...], train: bool = False,
+              counter: OpCounter | None = None) -> list[Op]:
     """The operations of ``model``'s forward (and, with ``train``, backward) on a float16 batch of
     ``shape``, on meta tensors: ``model`` must be on the meta device, in float16."""
     x = torch.empty(shape, device="meta", dtype=torch.float16)
-    counter = OpCounter()
+    counter = counter or OpCounter()
     if train:
         model.train()
         with AttentionAsOneOp(counter), counter:
@@ -229,7 +230,7 @@ class TimeModel:
     tensor_share: float = 0.6
     flops_per_sm: float = 2e8
     cuda_share: float = 0.3  # of grouped convolutions in channels_last, as torch.compile lays them out
-    cuda_share_nchw: float = 0.1  # of grouped convolutions on NCHW maps (eager): cuDNN's slower kernels
+    cuda_share_nchw: float = 0.4  # of grouped convolutions on NCHW maps (eager), cuDNN's other kernels
 
     def seconds(self, ops: "OpArrays", card: Card, scale: float = 1.0, compiled: bool = False) -> float:
         """The time of ``ops`` on ``card``, their bytes and FLOPs times ``scale`` (another batch size)."""
@@ -280,17 +281,16 @@ class Row(NamedTuple):
     macts: float  # millions of activations per image
     card: str
     compiled: bool
-    table: str
 
 
 def published_rows() -> list[Row]:
     rows = []
-    for table, card, compiled, _ in TABLES:
+    for table, card, compiled in TABLES:
         with (PUBLISHED / table).open(newline="") as f:
             for r in csv.DictReader(f):
                 rows.append(Row(r["model"], int(r["infer_img_size"]), float(r["infer_samples_per_sec"]),
                                 int(r["infer_batch_size"]), float(r["infer_gmacs"]), float(r["infer_macts"]), card,
-                                compiled, table))
+                                compiled))
     return rows
 
 
@@ -335,8 +335,7 @@ class Naive:
     eager rows and one for the compiled ones."""
 
     def __init__(self, rows: list[Row]):
-        import numpy as np
-
+        assert len({r.card for r in rows}) == 1, "fitted on one card's rows"
         self.k_macs, self.k_acts, self.linear = {}, {}, {}
         for compiled in (False, True):
             part = [r for r in rows if r.compiled == compiled]
@@ -362,21 +361,20 @@ def error_stats(errors: list[float]) -> dict:
     if not ordered:
         return {"rows": 0, "median": None, "p90": None}
 
-    def quantile(q: float) -> float:
+    def quantile(q: float) -> float:  # numpy's default (linear) interpolation, without inf - inf
         position = q * (len(ordered) - 1)
         low = math.floor(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+        share = position - low
+        return ordered[low] if share == 0 else ordered[low] * (1 - share) + ordered[low + 1] * share
 
     return {"rows": len(ordered), "median": quantile(0.5), "p90": quantile(0.9)}
 
 
 # --- calibration, validation and the project's predictions ----------------------------------------------------
 
-GROUPS = (("fitted", "the RTX 4090 rows the constants were fitted on"),
-          ("held-out families, RTX 4090", "model families left out of the fit, on the fitting card"),
-          ("fitted families, other cards", "the fitted families on the RTX 5090, RTX Pro 6000 Max-Q and RTX 3090"),
-          ("held-out families, other cards", "neither the models nor the cards were fitted"))
+# the rows by what the fit saw of them: the fitting rows; other families on the fitting card; the fitted
+# families on the other cards; neither the family nor the card
+GROUPS = ("fitted", "held-out families, RTX 4090", "fitted families, other cards", "held-out families, other cards")
 PREDICTORS = ("time model", "linear", "1/GMACs", "1/activations")
 
 
@@ -420,7 +418,7 @@ def format_calibration(result: dict) -> str:
              "absolute error of images/s, median / 90th percentile:",
              f"{'mode':9s}{'rows':34s}{'n':>5s}" + "".join(f"{p:>17s}" for p in PREDICTORS)]
     for mode in ("eager", "compiled"):
-        for group, _ in GROUPS:
+        for group in GROUPS:
             by = result["errors"][mode].get(group)
             if not by:
                 continue
@@ -432,50 +430,68 @@ def format_calibration(result: dict) -> str:
 PROJECT_MODELS = ("mxa_efficientvit_m5",)
 
 
-def project_ops(name: str, batch: int, train: bool) -> list[Op]:
+def project_ops(name: str, batch: int, train: bool) -> tuple[list[Op], dict[str, list[range]]]:
     """The operations of one of the project's models (1 channel, 14 labels, 224 px, eager backend) on
-    ``batch`` images; a training step adds the fused AdamW's pass over the weights (the weights, gradients
-    and two moments read, three written: 28 bytes a float32 parameter)."""
+    ``batch`` images, and in inference where each fused op's work is among them: the positions of each
+    MXA branch call's operations and of each attention block's (what the cascade replaces), in block
+    order. A training step adds the fused AdamW's pass over the weights (the weights, gradients and two
+    moments read, three written: 28 bytes a float32 parameter)."""
+    import mxa_kernels
     import mxa_model
+    from mxa_model.cascaded_attention import FusedLocalWindowAttention
 
     with torch.device("meta"):
         model = mxa_model.create_model(name, num_classes=14, in_chans=1, img_size=224).half()
-    model.set_backend("eager") if hasattr(model, "set_backend") else None
-    ops = count_ops(model, (batch, 1, 224, 224), train=train)
+    model.set_backend("eager")
+    counter, spans = OpCounter(), {"mxa_branch": [], "cascaded_attention_infer": []}
+
+    def spanned(key, fn):
+        def call(*args, **kwargs):
+            start = len(counter.ops)
+            out = fn(*args, **kwargs)
+            spans[key].append(range(start, len(counter.ops)))
+            return out
+        return call
+
+    attention = [m for m in model.modules() if isinstance(m, FusedLocalWindowAttention)]
+    real_branch = mxa_kernels.mxa_branch
+    for module in attention:
+        module.forward = spanned("cascaded_attention_infer", module.forward)
+    mxa_kernels.mxa_branch = spanned("mxa_branch", real_branch)
+    try:
+        ops = count_ops(model, (batch, 1, 224, 224), train=train, counter=counter)
+    finally:
+        mxa_kernels.mxa_branch = real_branch
     if train:
         ops.append(Op("adamw", 28 * sum(p.numel() for p in model.parameters()), 0))
-    return ops
+    return ops, spans
 
 
-def fused_paths(batch: int, train: bool) -> list[tuple[int, list[Op], list[Op]]]:
-    """What the triton backend changes in MXA-EfficientViT-M5's step: for each fused op call at M5's stage
-    shapes (the cost report's cases, align mode), how many a step makes, the operations of the op's eager
-    reference and those of its fused path (its Triton launches with their compulsory bytes, sharing the
-    reference's product FLOPs in proportion to their bytes, and the PyTorch ops between them). The eager
-    model's own attention is timm's, whose operations the reference's stand for. Inference runs the
-    cascade as one op per block; training runs the MXA branch and each head's windowed attention, forward
-    and backward."""
+def fused_cases(batch: int, train: bool) -> dict[str, list[list[tuple[list[Op], list[Op]]]]]:
+    """MXA-EfficientViT-M5's fused ops at its stage shapes (the cost report's cases, align mode): per op
+    (the MXA branch; the cascade in inference, each head's windowed attention in training) and per stage,
+    per pass (forward, and backward in training), the operations of the op's eager reference and those of
+    its fused path: its Triton launches with their compulsory bytes, sharing the product FLOPs the
+    PyTorch ops between them leave, and those ops."""
     import mxa_kernels
-    from mxa_model.efficientvit import VARIANTS
 
-    config = VARIANTS["mxa_efficientvit_m5"]
-    found = []
-    ops = ("mxa_branch", "window_attention") if train else ("mxa_branch", "cascaded_attention_infer")
-    for name in ops:
+    found = {}
+    for name in ("mxa_branch", "window_attention") if train else ("mxa_branch", "cascaded_attention_infer"):
         op = mxa_kernels.OPS[name]
         kernels = op.kernels_module()
-        for stage, (case, args) in ((stage, case) for stage, shape in enumerate(M5_STAGES)
-                                    for case in CASES[name](batch, [shape], dtype=torch.float16)):
-            if name == "mxa_branch" and not case.startswith("align"):
-                continue
-            calls = config["depth"][stage] * (config["num_heads"][stage] if name == "window_attention" else 1)
+        for shape in M5_STAGES:
+            case, args = next((case, args) for case, args in CASES[name](batch, [shape], dtype=torch.float16)
+                              if name != "mxa_branch" or case.startswith("align"))
             eager, fused = eager_passes(op, args), kernels.launch_passes(*args)
+            passes = []
             for pass_name in ("forward", "backward") if train else ("forward",):
                 eager_ops, _ = _count_with_launches(eager[pass_name])
                 torch_ops, launches = _count_with_launches(fused[pass_name])
-                flops, moved = sum(o.tc_flops for o in eager_ops), sum(t.bytes for t in launches)
-                fused_ops = torch_ops + [Op(t.name, t.bytes, int(flops * t.bytes / moved)) for t in launches]
-                found.append((calls, eager_ops, fused_ops))
+                flops = max(0, sum(o.tc_flops for o in eager_ops) - sum(o.tc_flops for o in torch_ops))
+                moved = sum(t.bytes for t in launches)
+                passes.append((eager_ops, torch_ops + [Op(t.name, t.bytes, flops * t.bytes // moved)
+                                                       for t in launches]))
+            found.setdefault(name, []).append(passes)
     return found
 
 
@@ -486,24 +502,51 @@ def _count_with_launches(fn) -> tuple[list[Op], list]:
     return counter.ops, launches
 
 
+def triton_seconds(model: TimeModel, card: Card, batch: int, train: bool, compiled: bool) -> float:
+    """MXA-EfficientViT-M5's step on the triton backend. In inference each MXA branch call's and each
+    attention block's operations are replaced by the fused path's (the cascade takes the whole block).
+    In a training step, whose backward operations cannot be told apart by block, each fused op call
+    changes the time by its fused path's minus its eager reference's (whose operations stand for the
+    model's own)."""
+    from mxa_model.efficientvit import VARIANTS
+
+    ops, spans = project_ops("mxa_efficientvit_m5", batch, train)
+    cases = fused_cases(batch, train)
+    depth = VARIANTS["mxa_efficientvit_m5"]["depth"]
+    stage_of_block = [stage for stage, blocks in enumerate(depth) for _ in range(blocks)]
+    if not train:
+        replaced = {i for calls in spans.values() for call in calls for i in call}
+        kept = [op for i, op in enumerate(ops) if i not in replaced]
+        for name, calls in spans.items():
+            assert len(calls) == len(stage_of_block), (name, len(calls))  # one call per block
+            kept += [o for block in range(len(calls)) for o in cases[name][stage_of_block[block]][0][1]]
+        return model.seconds(features(kept)[compiled], card, compiled=compiled)
+    heads = VARIANTS["mxa_efficientvit_m5"]["num_heads"]
+    change = 0.0
+    for name, per_stage in cases.items():
+        for stage, passes in enumerate(per_stage):
+            calls = depth[stage] * (heads[stage] if name == "window_attention" else 1)
+            for eager_ops, fused_ops in passes:
+                change += calls * (model.seconds(features(fused_ops)[compiled], card, compiled=compiled)
+                                   - model.seconds(features(eager_ops)[compiled], card, compiled=compiled))
+    return model.seconds(features(ops)[compiled], card, compiled=compiled) + change
+
+
 def predictions(card: str, names, batch: int, result: dict) -> list[dict]:
     """Predicted images/s of each model, inference and training step, by provider (eager, torch.compile;
-    MXA-EfficientViT-M5 also triton and triton+compile, its fused ops in place of their references:
-    :func:`fused_paths`), with the calibration's error on held-out rows of the same mode beside each."""
+    MXA-EfficientViT-M5 also triton and triton+compile: :func:`triton_seconds`), with the calibration's
+    error on held-out rows of the same mode beside each."""
     model, found = result["constants"], []
     for name in names:
-        project = name.startswith("mxa_")
+        project = name.startswith("mxa_")  # the project's models (VARIANTS), counted with a training step
         for train in (False, True) if project else (False,):
-            ops = project_ops(name, batch, train) if project else timm_ops(name, batch)[1]
-            swaps = fused_paths(batch, train) if name == "mxa_efficientvit_m5" else []
+            ops = project_ops(name, batch, train)[0] if project else timm_ops(name, batch)[1]
             for compiled in (False, True):
-                seconds = model.seconds(features(ops)[compiled], CARDS[card], compiled=compiled)
-                providers = {"torch.compile" if compiled else "eager": seconds}
-                if swaps:
-                    change = sum(calls * (model.seconds(features(fused)[compiled], CARDS[card], compiled=compiled)
-                                          - model.seconds(features(eager)[compiled], CARDS[card], compiled=compiled))
-                                 for calls, eager, fused in swaps)
-                    providers["triton+compile" if compiled else "triton"] = seconds + change
+                providers = {"torch.compile" if compiled else "eager":
+                             model.seconds(features(ops)[compiled], CARDS[card], compiled=compiled)}
+                if name == "mxa_efficientvit_m5":
+                    providers["triton+compile" if compiled else "triton"] = triton_seconds(
+                        model, CARDS[card], batch, train, compiled)
                 band = result["errors"]["compiled" if compiled else "eager"]["held-out families, other cards"]
                 for provider, time in providers.items():
                     found.append(dict(model=name, card=card, batch=batch, mode="train" if train else "inference",
@@ -530,13 +573,25 @@ def baseline_of(result: dict) -> dict:
 
 def main(args) -> int:
     """``mxa bench --suite predict``: calibrate, print the calibration table, predict."""
-    card = args.card or "H100"
+    import timm
+
+    from mxa_model.efficientvit import VARIANTS
+
+    from .runner import BenchError
+
+    card, batch = args.card or "H100", 256 if args.batch is None else args.batch
     if card not in CARDS:
-        raise ValueError(f"--card {card}: one of {', '.join(CARDS)}")
+        raise BenchError(f"--card {card}: not a card of the table; one of {', '.join(CARDS)}")
+    if batch < 1:
+        raise BenchError(f"--batch must be at least 1, got {batch}")
+    names = args.models.split(",") if args.models else list(PROJECT_MODELS)
+    unknown = [n for n in names if n not in VARIANTS and not (timm.is_model(n) and timm.get_pretrained_cfg(n))]
+    if unknown:
+        raise BenchError(f"--models: {', '.join(unknown)}: neither the project's models ({', '.join(VARIANTS)}) "
+                         "nor timm's with a default configuration")
     result = calibrate()
     print(format_calibration(result))
-    names = args.models.split(",") if args.models else list(PROJECT_MODELS)
-    records = predictions(card, names, args.batch or 256, result)
+    records = predictions(card, names, batch, result)
     print(f"\npredicted on {CARDS[card].name} ({CARDS[card].source}); a model's prediction, not a measurement:")
     print(format_predictions(records))
     if args.json:

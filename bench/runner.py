@@ -340,6 +340,9 @@ def main(args: argparse.Namespace) -> int:
                     if getattr(args, name, None) is not None]
     if loader_flags:
         raise BenchError(f"{', '.join(loader_flags)}: the loader suite's flags (--suite loader)")
+    predict_flags = [flag for name, flag in (("card", "--card"), ("models", "--models")) if getattr(args, name, None)]
+    if predict_flags and args.suite != "predict":
+        raise BenchError(f"{', '.join(predict_flags)}: the predict suite's flags (--suite predict)")
     if args.suite == "predict":  # a time model, calibrated on published tables: bench/predict.py
         from .predict import main as predict_report
 

@@ -1,6 +1,7 @@
 """The GPU time model (bench/predict.py, ``mxa bench --suite predict``): operations counted as an independent
-computation gives them, Inductor's fusion as modelled, a prediction that reads no measured figure, a fit
-that sees only its fitting rows, and calibration errors that do not get worse than the committed ones."""
+computation gives them, Inductor's fusion as modelled, the fused paths in place of the model's own
+operations, a fit that sees only its fitting rows, and calibration errors that do not get worse than the
+committed ones."""
 
 import json
 from pathlib import Path
@@ -44,14 +45,6 @@ def test_compile_fuses_the_operations_between_two_products():
                                              op("fused", 7, 0)]
 
 
-def test_a_prediction_reads_no_measured_figure():
-    ops = predict.features([predict.Op("mm", 10**9, 10**12), predict.Op("relu", 10**9, 0)])
-    row = predict.Row("m", 224, 1.0, 1024, 1.0, 1.0, "RTX4090", False, "t")
-    model = predict.TimeModel()
-    assert predict.predicted_images_per_s(model, row, {("m", 224): ops}) == predict.predicted_images_per_s(
-        model, row._replace(images_per_s=1e9, gmacs=7.0, macts=9.0), {("m", 224): ops})
-
-
 @pytest.fixture(scope="module")
 def calibration():
     return predict.calibrate(progress=lambda *_: None)
@@ -69,6 +62,15 @@ def test_the_calibration_errors_do_not_get_worse(calibration):
 
 
 @pytest.mark.slow
+def test_mxa_m5_is_predicted_for_every_provider(calibration):
+    records = predict.predictions("H100", ["mxa_efficientvit_m5"], 8, calibration)
+    assert {(r["mode"], r["provider"]) for r in records} == {
+        (mode, provider) for mode in ("inference", "train")
+        for provider in ("eager", "triton", "torch.compile", "triton+compile")}
+    assert all(r["images_per_s"] > 0 and r["kind"] == "prediction" and not r["fitted"] for r in records)
+
+
+@pytest.mark.slow
 def test_the_fit_sees_only_the_rows_it_is_fitted_on(calibration, monkeypatch):
     real = predict.published_rows
 
@@ -80,3 +82,24 @@ def test_the_fit_sees_only_the_rows_it_is_fitted_on(calibration, monkeypatch):
     assert changed["errors"]["eager"]["fitted"] == calibration["errors"]["eager"]["fitted"]
     assert changed["errors"]["eager"]["held-out families, other cards"] != \
         calibration["errors"]["eager"]["held-out families, other cards"]
+
+
+def test_the_fused_paths_take_the_places_of_the_models_own_operations():
+    """MXA-M5 in inference: one MXA branch call and one attention block per block (1 + 3 + 4), each branch
+    call's operations those of the op's eager reference at its stage's shape (counted apart, in the cost
+    report's cases); in training too, the fused paths do no more product FLOPs than the references."""
+    ops, spans = predict.project_ops("mxa_efficientvit_m5", 2, train=False)
+    assert [len(spans[name]) for name in ("mxa_branch", "cascaded_attention_infer")] == [8, 8]
+    covered = [i for calls in spans.values() for call in calls for i in call]
+    assert len(covered) == len(set(covered)) and max(covered) < len(ops)
+    cases = predict.fused_cases(2, train=False)
+    stage_of_block = [0, 1, 1, 1, 2, 2, 2, 2]
+    for block, call in enumerate(spans["mxa_branch"]):
+        reference_ops = cases["mxa_branch"][stage_of_block[block]][0][0]
+        # the same operations but for dtype casts (the cases' weights are float32, the model's float16)
+        assert [ops[i].name for i in call if ops[i].name != "_to_copy"] == [
+            o.name for o in reference_ops if o.name != "_to_copy"], block
+    for per_stage in predict.fused_cases(2, train=True).values():
+        for passes in per_stage:
+            for eager_ops, fused_ops in passes:
+                assert sum(o.tc_flops for o in fused_ops) <= sum(o.tc_flops for o in eager_ops)
