@@ -467,12 +467,12 @@ def project_ops(name: str, batch: int, train: bool) -> tuple[list[Op], dict[str,
     return ops, spans
 
 
-def fused_cases(batch: int, train: bool) -> dict[str, list[list[tuple[list[Op], list[Op]]]]]:
+def fused_cases(batch: int, train: bool) -> dict[str, list[tuple[str, list[tuple[list[Op], list[Op]]]]]]:
     """MXA-EfficientViT-M5's fused ops at its stage shapes (the cost report's cases, align mode): per op
     (the MXA branch; the cascade in inference, each head's windowed attention in training) and per stage,
-    per pass (forward, and backward in training), the operations of the op's eager reference and those of
-    its fused path: its Triton launches with their compulsory bytes, sharing the product FLOPs the
-    PyTorch ops between them leave, and those ops."""
+    the case's name and, per pass (forward, and backward in training), the operations of the op's eager
+    reference and those of its fused path: its Triton launches with their compulsory bytes, sharing the
+    product FLOPs the PyTorch ops between them leave, and those ops."""
     import mxa_kernels
 
     found = {}
@@ -491,7 +491,7 @@ def fused_cases(batch: int, train: bool) -> dict[str, list[list[tuple[list[Op], 
                 moved = sum(t.bytes for t in launches)
                 passes.append((eager_ops, torch_ops + [Op(t.name, t.bytes, flops * t.bytes // moved)
                                                        for t in launches]))
-            found.setdefault(name, []).append(passes)
+            found.setdefault(name, []).append((case, passes))
     return found
 
 
@@ -519,12 +519,12 @@ def triton_seconds(model: TimeModel, card: Card, batch: int, train: bool, compil
         kept = [op for i, op in enumerate(ops) if i not in replaced]
         for name, calls in spans.items():
             assert len(calls) == len(stage_of_block), (name, len(calls))  # one call per block
-            kept += [o for block in range(len(calls)) for o in cases[name][stage_of_block[block]][0][1]]
+            kept += [o for block in range(len(calls)) for o in cases[name][stage_of_block[block]][1][0][1]]
         return model.seconds(features(kept)[compiled], card, compiled=compiled)
     heads = VARIANTS["mxa_efficientvit_m5"]["num_heads"]
     change = 0.0
     for name, per_stage in cases.items():
-        for stage, passes in enumerate(per_stage):
+        for stage, (_, passes) in enumerate(per_stage):
             calls = depth[stage] * (heads[stage] if name == "window_attention" else 1)
             for eager_ops, fused_ops in passes:
                 change += calls * (model.seconds(features(fused_ops)[compiled], card, compiled=compiled)
@@ -554,6 +554,31 @@ def predictions(card: str, names, batch: int, result: dict) -> list[dict]:
                                       error_median=band["time model"]["median"], error_p90=band["time model"]["p90"],
                                       fitted=family_fitted(name), kind="prediction"))
     return found
+
+
+def op_verdicts(card: str, batch: int, model: TimeModel) -> list[dict]:
+    """Each fused op at MXA-EfficientViT-M5's stage shapes: the time model's microseconds per call of its
+    eager reference and of its fused path (launches and the PyTorch ops between them), per pass."""
+    found = []
+    for train in (True, False):
+        for name, per_stage in fused_cases(batch, train).items():
+            if not train and name == "mxa_branch":  # its forward is the training cases' already
+                continue
+            for case, passes in per_stage:
+                for pass_name, (eager_ops, fused_ops) in zip(("forward", "backward"), passes):
+                    found.append(dict(op=name, case=case, pass_=pass_name,
+                                      eager_us=1e6 * model.seconds(features(eager_ops)[False], CARDS[card]),
+                                      fused_us=1e6 * model.seconds(features(fused_ops)[False], CARDS[card]),
+                                      eager_ops=len(eager_ops), fused_ops=len(fused_ops)))
+    return found
+
+
+def format_verdicts(records: list[dict]) -> str:
+    lines = [f"{'op':26s}{'case':30s}{'pass':10s}{'eager us':>10s}{'fused us':>10s}  operations"]
+    for r in records:
+        lines.append(f"{r['op']:26s}{r['case']:30s}{r['pass_']:10s}{r['eager_us']:>10.1f}{r['fused_us']:>10.1f}  "
+                     f"{r['eager_ops']} -> {r['fused_ops']}")
+    return "\n".join(lines)
 
 
 def format_predictions(records: list[dict]) -> str:
@@ -594,9 +619,13 @@ def main(args) -> int:
     records = predictions(card, names, batch, result)
     print(f"\npredicted on {CARDS[card].name} ({CARDS[card].source}); a model's prediction, not a measurement:")
     print(format_predictions(records))
+    verdicts = op_verdicts(card, batch, result["constants"])
+    print(f"\nthe fused ops at MXA-EfficientViT-M5's stage shapes on {CARDS[card].name}, the model's time per call:")
+    print(format_verdicts(verdicts))
     if args.json:
         Path(args.json).write_text(json.dumps({"calibration": {**result, "constants": vars(result["constants"])},
-                                               "predictions": records}, indent=2, default=str) + "\n")
+                                               "predictions": records, "fused_ops": verdicts},
+                                              indent=2, default=str) + "\n")
     if args.write_baseline:
         Path(args.write_baseline).write_text(json.dumps(baseline_of(result), indent=2) + "\n")
         print(f"wrote {args.write_baseline}")

@@ -62,12 +62,16 @@ def test_the_calibration_errors_do_not_get_worse(calibration):
 
 
 @pytest.mark.slow
-def test_mxa_m5_is_predicted_for_every_provider(calibration):
+def test_mxa_m5_is_predicted_for_every_provider_and_each_fused_op_judged(calibration):
     records = predict.predictions("H100", ["mxa_efficientvit_m5"], 8, calibration)
     assert {(r["mode"], r["provider"]) for r in records} == {
         (mode, provider) for mode in ("inference", "train")
         for provider in ("eager", "triton", "torch.compile", "triton+compile")}
     assert all(r["images_per_s"] > 0 and r["kind"] == "prediction" and not r["fitted"] for r in records)
+    verdicts = predict.op_verdicts("H100", 8, calibration["constants"])
+    assert [(r["op"], r["pass_"]) for r in verdicts] == [
+        *((op, p) for op in ("mxa_branch", "window_attention") for _ in range(3) for p in ("forward", "backward")),
+        *(("cascaded_attention_infer", "forward") for _ in range(3))]
 
 
 @pytest.mark.slow
@@ -95,11 +99,11 @@ def test_the_fused_paths_take_the_places_of_the_models_own_operations():
     cases = predict.fused_cases(2, train=False)
     stage_of_block = [0, 1, 1, 1, 2, 2, 2, 2]
     for block, call in enumerate(spans["mxa_branch"]):
-        reference_ops = cases["mxa_branch"][stage_of_block[block]][0][0]
+        reference_ops = cases["mxa_branch"][stage_of_block[block]][1][0][0]
         # the same operations but for dtype casts (the cases' weights are float32, the model's float16)
         assert [ops[i].name for i in call if ops[i].name != "_to_copy"] == [
             o.name for o in reference_ops if o.name != "_to_copy"], block
     for per_stage in predict.fused_cases(2, train=True).values():
-        for passes in per_stage:
+        for _, passes in per_stage:
             for eager_ops, fused_ops in passes:
                 assert sum(o.tc_flops for o in fused_ops) <= sum(o.tc_flops for o in eager_ops)

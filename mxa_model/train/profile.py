@@ -91,7 +91,7 @@ class StepProfile:
         other = wall - sum(spent.values())  # host work outside the phases (negative where the device's
         if other > 0:                       # phases ran while the host waited for data)
             shares.append(f"other {other / wall:.0%}")
-        early = "" if self.first == PROFILE_AFTER else f" (the epoch's first {PROFILE_AFTER} steps included: compilation and warm-up)"
+        early = "" if self.first == PROFILE_AFTER else f" (after {self.first} steps, not {PROFILE_AFTER}: warm-up may be in it)"
         return (f"profile of steps {self.first + 1}-{self.last + 1} of epoch {epoch + 1}{early}: "
                 f"{wall / steps * 1e3:.1f} ms a step; {', '.join(shares)}; trace in {self.folder}")
 
