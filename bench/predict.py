@@ -125,8 +125,7 @@ class Op(NamedTuple):
         return self.tc_flops > 0 or self.cuda_flops > 0
 
 
-_PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "cudnn_convolution",
-             "convolution_backward", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"}
+_PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -241,6 +240,11 @@ class TimeModel:
         return float(np.maximum(np.maximum(memory, compute), cores).sum())
 
 
+def ops_seconds(model: TimeModel, ops: list[Op], card: Card, compiled: bool = False) -> float:
+    """The time of ``ops`` on ``card``, eager or as torch.compile fuses them."""
+    return model.seconds(OpArrays.of(fuse_for_compile(ops) if compiled else ops), card, compiled=compiled)
+
+
 class OpArrays(NamedTuple):
     """A list of operations as arrays, for the time model."""
 
@@ -295,7 +299,8 @@ def published_rows() -> list[Row]:
 
 
 def features(ops: list[Op]) -> dict[bool, OpArrays]:
-    """A model's operations for the time model, eager (False) and as ``torch.compile`` fuses them (True)."""
+    """A model's operations for the time model, eager (False) and as ``torch.compile`` fuses them (True),
+    made once for the fit's many evaluations."""
     return {False: OpArrays.of(ops), True: OpArrays.of(fuse_for_compile(ops))}
 
 
@@ -520,16 +525,16 @@ def triton_seconds(model: TimeModel, card: Card, batch: int, train: bool, compil
         for name, calls in spans.items():
             assert len(calls) == len(stage_of_block), (name, len(calls))  # one call per block
             kept += [o for block in range(len(calls)) for o in cases[name][stage_of_block[block]][1][0][1]]
-        return model.seconds(features(kept)[compiled], card, compiled=compiled)
+        return ops_seconds(model, kept, card, compiled)
     heads = VARIANTS["mxa_efficientvit_m5"]["num_heads"]
     change = 0.0
     for name, per_stage in cases.items():
         for stage, (_, passes) in enumerate(per_stage):
             calls = depth[stage] * (heads[stage] if name == "window_attention" else 1)
             for eager_ops, fused_ops in passes:
-                change += calls * (model.seconds(features(fused_ops)[compiled], card, compiled=compiled)
-                                   - model.seconds(features(eager_ops)[compiled], card, compiled=compiled))
-    return model.seconds(features(ops)[compiled], card, compiled=compiled) + change
+                change += calls * (ops_seconds(model, fused_ops, card, compiled)
+                                   - ops_seconds(model, eager_ops, card, compiled))
+    return ops_seconds(model, ops, card, compiled) + change
 
 
 def predictions(card: str, names, batch: int, result: dict) -> list[dict]:
@@ -543,7 +548,7 @@ def predictions(card: str, names, batch: int, result: dict) -> list[dict]:
             ops = project_ops(name, batch, train)[0] if project else timm_ops(name, batch)[1]
             for compiled in (False, True):
                 providers = {"torch.compile" if compiled else "eager":
-                             model.seconds(features(ops)[compiled], CARDS[card], compiled=compiled)}
+                             ops_seconds(model, ops, CARDS[card], compiled)}
                 if name == "mxa_efficientvit_m5":
                     providers["triton+compile" if compiled else "triton"] = triton_seconds(
                         model, CARDS[card], batch, train, compiled)
@@ -567,8 +572,8 @@ def op_verdicts(card: str, batch: int, model: TimeModel) -> list[dict]:
             for case, passes in per_stage:
                 for pass_name, (eager_ops, fused_ops) in zip(("forward", "backward"), passes):
                     found.append(dict(op=name, case=case, pass_=pass_name,
-                                      eager_us=1e6 * model.seconds(features(eager_ops)[False], CARDS[card]),
-                                      fused_us=1e6 * model.seconds(features(fused_ops)[False], CARDS[card]),
+                                      eager_us=1e6 * ops_seconds(model, eager_ops, CARDS[card]),
+                                      fused_us=1e6 * ops_seconds(model, fused_ops, CARDS[card]),
                                       eager_ops=len(eager_ops), fused_ops=len(fused_ops)))
     return found
 

@@ -310,7 +310,7 @@ def _resume_from_checkpoint(run: Run) -> None:
         if run.ema is not None:
             load_weights(run.ema.module, checkpoint["model_ema"], last, cfg.model)
         # a checkpoint from before the AdamW was fused says unfused: the load would keep its step counts on
-        # the host, where the fused kernel cannot read them
+        # the host, where the fused AdamW expects them on the parameters' device
         for group in checkpoint["optimizer"]["param_groups"]:
             group.update(fused=True, foreach=None)
         run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -426,12 +426,14 @@ def _train_epoch(run: Run, epoch: int, started: float) -> EpochStats:
             pending.clear()
             elapsed = time.perf_counter() - started
             if tally.images:
-                bar.set_postfix(loss=f"{tally.loss_sum / tally.images:.4f}", img_s=f"{tally.seen / elapsed:.1f}",
+                seen = tally.images * ctx.world_size
+                bar.set_postfix(loss=f"{tally.loss_sum / tally.images:.4f}", img_s=f"{seen / elapsed:.1f}",
                                 data_wait=f"{waited / elapsed:.0%}")
     bar.close()
     elapsed = time.perf_counter() - started
-    return EpochStats(tally.loss_sum / tally.images if tally.images else None, tally.seen / elapsed,
-                      waited / elapsed, tally.seen / max(elapsed - waited, 1e-9), tally.skipped)
+    seen = tally.images * ctx.world_size  # the images of the batches kept, on every process
+    return EpochStats(tally.loss_sum / tally.images if tally.images else None, seen / elapsed,
+                      waited / elapsed, seen / max(elapsed - waited, 1e-9), tally.skipped)
 
 
 @dataclass
@@ -452,7 +454,6 @@ class EpochTally:
 
     loss_sum: float = 0.0  # over the images of the batches kept, on this process
     images: int = 0
-    seen: int = 0  # the images of the batches kept, on every process
     skipped: int = 0
 
 
@@ -593,7 +594,6 @@ def _read_steps(run: Run, pending: list[StepRecord], tally: EpochTally, epoch: i
         if not flag:
             tally.loss_sum += loss * record.images
             tally.images += record.images
-            tally.seen += record.images * run.ctx.world_size
             continue
         tally.skipped += 1
         _skip_or_raise(run, record, loss, epoch)
