@@ -235,7 +235,8 @@ def predict(args: argparse.Namespace) -> int:
     """Per-finding probabilities for image or DICOM files, with optional ROI/heatmap overlays."""
     from .predict import format_predictions, predict_files, write_json
 
-    results = predict_files(args.checkpoint, args.files, overlay_dir=args.overlay_dir, device=args.device)
+    results = predict_files(args.checkpoint, args.files, overlay_dir=args.overlay_dir, device=args.device,
+                            findings=args.findings)
     print(format_predictions(results))
     if args.json:
         write_json(results, args.json)
@@ -325,7 +326,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", default=None, help="write the probabilities to this JSON file")
-    p.add_argument("--overlay-dir", default=None, help="write an ROI box and heatmap overlay PNG per file here")
+    p.add_argument("--overlay-dir", default=None, help="write an overlay PNG per file here: the model's input with "
+                                                       "the Grad-CAM heatmap of the most probable finding, each MXA "
+                                                       "block's ROI box and a legend")
+    p.add_argument("--findings", default=None, metavar="DATA",
+                   help="a CheXpert-v1.0-small folder with a findings.csv (the embedded data set's): the overlays of "
+                        "its images show the boxes of their planted findings, dashed (default: none)")
     p.add_argument("--device", default=None)
 
 

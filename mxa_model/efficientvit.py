@@ -168,6 +168,12 @@ class MXAEfficientVit(EfficientVitMsra):
     def mxa_modules(self) -> list[MedicalXRayAttention]:
         return [m for m in self.modules() if isinstance(m, MedicalXRayAttention)]
 
+    def mxa_block_names(self) -> list[str]:
+        """The block of each of :meth:`mxa_modules`, in its order (every block has one): ``"stage S block B"``,
+        both counted from 1."""
+        return [f"stage {s} block {b}" for s, stage in enumerate(self.stages, 1)
+                for b in range(1, len(stage.blocks) + 1)]
+
     def set_backend(self, backend: str | None) -> None:
         """Set the kernel backend of every fused op in the model (None: follow the global selection)."""
         if backend is not None:

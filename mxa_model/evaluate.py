@@ -48,6 +48,15 @@ def read_findings(data_dir: str | Path) -> dict[str, list[tuple[str, tuple[float
     return dict(found)
 
 
+def planted_box(box: tuple[float, ...], height: int, width: int) -> tuple[float, ...]:
+    """A planted box (pixels of a ``height`` x ``width`` image, x1 and y1 exclusive) normalized to the centre
+    square that :func:`eval_transform` keeps, the model's input: its part inside that square, degenerate (an
+    edge) when it lies wholly outside."""
+    left, top, side = eval_crop(height, width)
+    return tuple(min(max(v, 0.0), 1.0) for v in ((box[0] - left) / side, (box[1] - top) / side,
+                                                  (box[2] - left) / side, (box[3] - top) / side))
+
+
 def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size: int = 32) -> dict:
     """Mean over the images with planted findings of the best IoU between a block's sampled box and any
     planted box (coordinates normalized to the centre square that :func:`eval_transform` keeps), per MXA
@@ -62,11 +71,9 @@ def roi_iou(model, dataset: CheXpertDataset, findings: dict, device, batch_size:
         boxes = sampled_boxes(model, images)  # (blocks, B, 4)
         for j, i in enumerate(chunk):
             record = dataset.records[i]
-            left, top, side = eval_crop(*load_image(record.path).shape[-2:])  # the part of the image the model saw
-            # each planted box's part inside that square; a box wholly outside it still counts (IoU 0)
-            planted = [tuple(min(max(v, 0.0), 1.0) for v in ((b[0] - left) / side, (b[1] - top) / side,
-                                                              (b[2] - left) / side, (b[3] - top) / side))
-                       for _, b in findings[record.csv_path]]
+            height, width = load_image(record.path).shape[-2:]
+            # a box wholly outside the part of the image the model saw still counts (IoU 0)
+            planted = [planted_box(b, height, width) for _, b in findings[record.csv_path]]
             per_block.append([max(box_iou(box.tolist(), p) for p in planted) for box in boxes[:, j]])
             whole.append(max(box_iou((0.0, 0.0, 1.0, 1.0), p) for p in planted))
     blocks = torch.tensor(per_block).mean(dim=0).tolist()

@@ -92,7 +92,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                             progress=cfg.progress))
     teacher_result = evaluate(out / "teacher" / "best.pt", data, "valid", workers=cfg.workers, progress=False)
     files = [data.parent / p for p in sorted(read_findings(data)) if p.split("/")[1] == "valid"][:4]
-    overlays = predict_files(out / "student" / "best.pt", files, overlay_dir=report_dir / "overlays") if files else []
+    overlays = predict_files(out / "student" / "best.pt", files, overlay_dir=report_dir / "overlays",
+                             findings=data) if files else []
     total = time.perf_counter() - started
     _write_report(report_dir / "report.md", cfg, result, teacher_result, overlays, timings, total)
     summary = {"report": str(report_dir / "report.md"), "eval_json": str(report_dir / "eval.json"),

@@ -1,21 +1,27 @@
 """Applying a trained model: per-finding probabilities for image or DICOM files, overlays of the ROI boxes
-and a class-activation heatmap (Grad-CAM, see :func:`grad_cam`), and export to TorchScript or ONNX."""
+and a class-activation heatmap (Grad-CAM, see :func:`grad_cam`) with a legend and, on the embedded data, the
+planted findings' boxes (:func:`overlay_figure`), and export to TorchScript or ONNX."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .data import eval_transform, load_image
+from .data.chexpert import resolve_path
+from .data.labels import FINDINGS_FILE
 from .data.transforms import MEAN, STD, normalize
 from .train.distributed import default_device
 from .train.checkpoint import model_from_checkpoint
 
 EXPORT_FORMATS = ("torchscript", "onnx")
-BOX_COLOURS = ("#00e5ff", "#ffd400", "#ff3d8b", "#7cff4d")  # cycled over the MXA blocks
+# one per MXA block (M5 has 8), light so that they show on the radiograph and on the heatmap
+BOX_COLOURS = ("#00e5ff", "#ffd400", "#ff3d8b", "#7cff4d", "#b266ff", "#4d8bff", "#ff8c00", "#00c896")
+PLANTED_COLOUR = "#ffffff"  # the planted findings' boxes, dashed
 
 
 def grad_cam(model, image: torch.Tensor, label: int, min_side: int = 4) -> torch.Tensor:
@@ -42,45 +48,72 @@ def grad_cam(model, image: torch.Tensor, label: int, min_side: int = 4) -> torch
     return cam / cam.max() if cam.max() > 0 else cam
 
 
-def _overlay(image: torch.Tensor, cam: torch.Tensor, boxes: torch.Tensor | None, title: str, path: Path) -> None:
+def overlay_figure(image: torch.Tensor, cam: torch.Tensor, cam_label: str, boxes: torch.Tensor | None = None,
+                   block_names: Sequence[str] = (), planted: Sequence[tuple[str, tuple[float, ...]]] = (),
+                   title: str = ""):
+    """The overlay figure of :func:`predict_files`: ``image`` (1, S, S) in [0, 1] in grey under the heatmap
+    ``cam`` (S, S) in [0, 1], whose legend entry is ``cam_label``; the ROI box of each MXA block, ``boxes``
+    (blocks, 4) normalized, in :data:`BOX_COLOURS`, named ``block_names``; and ``planted``, (label, normalized
+    box) of planted findings, dashed in :data:`PLANTED_COLOUR` with their label. The legend is beside the image."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
 
     side_h, side_w = image.shape[-2:]
-    fig, ax = plt.subplots(figsize=(5, 5.4))
+    fig = Figure(figsize=(8.4, 5.4), layout="constrained")  # no pyplot: nothing global to switch to Agg or close
+    ax = fig.subplots()
+    ax.set_anchor("W")  # the square image at the left of its box, where the layout left room for the legend
     ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    heat = plt.get_cmap("inferno")(cam.numpy())
+    heat = matplotlib.colormaps["inferno"](cam.numpy())
     heat[..., 3] = 0.55 * cam.numpy()  # opaque where the activation is high, clear where it is zero
     ax.imshow(heat)
-    if boxes is not None:
-        for b, box in enumerate(boxes.tolist()):
-            x1, y1, x2, y2 = box[0] * side_w, box[1] * side_h, box[2] * side_w, box[3] * side_h
-            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.2,
-                                           edgecolor=BOX_COLOURS[b % len(BOX_COLOURS)]))
+    handles = [Patch(color=matplotlib.colormaps["inferno"](0.75), label=cam_label)]
+
+    def rectangle(box, **style):
+        x1, y1, x2, y2 = box[0] * side_w, box[1] * side_h, box[2] * side_w, box[3] * side_h
+        return ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, **style))
+
+    for b, (box, name) in enumerate(zip(boxes.tolist() if boxes is not None else [], block_names, strict=True)):
+        colour = BOX_COLOURS[b % len(BOX_COLOURS)]
+        rectangle(box, linewidth=1.2, edgecolor=colour)
+        handles.append(Patch(fill=False, edgecolor=colour, label=f"ROI box of MXA {name}"))
+    same_box = {}  # one box, one text: a Lung Opacity's boxes are those of its specific findings
+    for label, box in planted:
+        same_box.setdefault(tuple(box), []).append(label)
+    for box, labels in same_box.items():
+        patch = rectangle(box, linewidth=1.2, edgecolor=PLANTED_COLOUR, linestyle="--")
+        ax.text(patch.get_x() + 0.5, patch.get_y() + 0.5, ", ".join(labels), color=PLANTED_COLOUR, fontsize=7,
+                va="top", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    if planted:
+        handles.append(Patch(fill=False, edgecolor=PLANTED_COLOUR, linestyle="--",
+                             label=f"planted finding ({FINDINGS_FILE})"))
+    # beside the image, on a dark ground like the image's, where the light box colours show
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, facecolor="#202020",
+              labelcolor="white", framealpha=1)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: str | Path | None = None,
-                  device: str | None = None) -> list[dict]:
+                  device: str | None = None, findings: str | Path | None = None) -> list[dict]:
     """Probabilities per finding for each file (JPEG, PNG or DICOM); with ``overlay_dir`` one PNG per file
-    showing the Grad-CAM of the most probable finding and the ROI box of each MXA block."""
-    from .evaluate import sampled_boxes
+    (:func:`overlay_figure`) showing, on the model's input, the Grad-CAM of the most probable finding, the
+    ROI box of each MXA block and a legend. ``findings``: a data set folder whose findings.csv lists planted
+    findings (the embedded data set's); the overlay of a file that is one of its images (a Path cell of that
+    file resolved as the data set's CSVs are) shows their boxes too. No other file's."""
+    from .evaluate import planted_box, sampled_boxes
 
     model, state = model_from_checkpoint(checkpoint)
     labels = state["labels"]
     device = default_device(device)
     model.to(device).eval()
     transform = eval_transform(state.get("config", {}).get("img_size", 224))
+    planted_at = _planted_by_file(findings) if findings is not None else {}
     results = []
     for file in files:
-        image = normalize(transform(load_image(file)).to(device))
+        raw = load_image(file)
+        image = normalize(transform(raw).to(device))
         with torch.no_grad():
             probs = torch.sigmoid(model(image[None]).float())[0].cpu()
         result = {"file": str(file), "probabilities": dict(zip(labels, probs.tolist()))}
@@ -88,15 +121,34 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], overlay_dir: 
             overlay_dir = Path(overlay_dir)
             overlay_dir.mkdir(parents=True, exist_ok=True)
             top = int(probs.argmax())
-            boxes = sampled_boxes(model, image[None])[:, 0] if hasattr(model, "mxa_modules") else None
+            mxa = hasattr(model, "mxa_modules")
+            boxes = sampled_boxes(model, image[None])[:, 0] if mxa else None
+            # mapped through the resize and crop that made the model's input; those wholly outside it left out
+            planted = [(label, planted_box(box, *raw.shape[-2:]))
+                       for label, box in planted_at.get(Path(file).resolve(), [])]
+            planted = [(label, box) for label, box in planted if box[2] > box[0] and box[3] > box[1]]
             # CheXpert files share names (view1_frontal.jpg): name the overlay after patient and study too
             target = overlay_dir / ("_".join(Path(file).with_suffix("").parts[-3:]) + "_overlay.png")
             shown = image.cpu() * STD + MEAN  # undo the normalization for display
-            _overlay(shown.clamp(0, 1), grad_cam(model, image, top).cpu(), boxes.cpu() if boxes is not None else None,
-                     f"{Path(file).name}: {labels[top]} {probs[top]:.2f}", target)
+            fig = overlay_figure(shown.clamp(0, 1), grad_cam(model, image, top).cpu(),
+                                 f"Grad-CAM of {labels[top]} (p = {probs[top]:.2f})", boxes,
+                                 model.mxa_block_names() if mxa else [], planted, "/".join(Path(file).parts[-3:]))
+            fig.savefig(target, dpi=100)
             result["overlay"] = str(target)
         results.append(result)
     return results
+
+
+def _planted_by_file(data: str | Path) -> dict[Path, list[tuple[str, tuple[float, ...]]]]:
+    """Resolved image path -> [(label, pixel box)] of the planted findings in the findings.csv of the data set
+    folder ``data``."""
+    from .evaluate import read_findings
+
+    data = Path(data)
+    findings = read_findings(data)
+    if not findings:
+        raise FileNotFoundError(f"{data / FINDINGS_FILE}: no such file, or no planted finding in it")
+    return {resolve_path(path, data).resolve(): boxes for path, boxes in findings.items()}
 
 
 def format_predictions(results: list[dict]) -> str:

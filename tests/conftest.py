@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN (see mxa_kernels/alloc.py), so that an element a kernel forgets fails.
 os.environ["MXA_POISON_EMPTY"] = "1"
+# One pytest-xdist process per core: each on one thread (and so the processes it starts, and Inductor's
+# compile workers), since two processes of two threads on two cores ran many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    torch.set_num_threads(1)
 os.environ.pop("MXA_BACKEND", None)
 
 import pytest  # noqa: E402

@@ -152,6 +152,9 @@ def test_bad_data_is_named_or_skipped_and_counted_on_request(bad_data, tmp_path,
     assert cli.main(["train", *args, "--output", str(tmp_path / "b"), "--on-bad-data", "skip"]) == 0
     out = capsys.readouterr().out
     assert "left out 2 row(s) or image(s)" in out and str(truncated) in out
+    listed = (tmp_path / "b" / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 2 and any("row 4" in line and "maybe" in line for line in listed)
+    assert any(str(truncated) in line for line in listed)
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "b" / "last.pt"), "--data", root, "--split", "train",
                      "--on-bad-data", "skip", "--quiet"]) == 0
     assert "left out 2 row(s) or image(s)" in capsys.readouterr().out
