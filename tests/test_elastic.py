@@ -21,7 +21,7 @@ EPOCHS, STEPS = 3, 3
 
 def torchrun(fault: str, n: int, rank: int, data: str, output, *extra: str) -> subprocess.CompletedProcess:
     """``mxa train --resume auto`` in 2 processes under ``torchrun --standalone --max-restarts 1``, the
-    README's command, with ``fault`` planted at the Nth occasion in process ``rank`` (fault_injection.py).
+    command of docs/training.md, with ``fault`` planted at the Nth occasion in process ``rank`` (fault_injection.py).
     Every epoch writes ``best.pt`` (``--best-every-epoch``), so that a fault in its Nth write strikes
     whatever the validation AUC does on this CPU. The data order and the augmentations are functions of
     (seed, epoch, index, rank), so a restart must find the same epoch and rebuild the same generators."""
