@@ -23,7 +23,10 @@ import mxa_kernels.backend as backend  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu need a CUDA GPU: skipped, with the reason, without one."""
+    """The slow tests first, so that pytest-xdist's processes start the minutes-long ones early rather than
+    one process finishing them while the other waits; tests marked gpu need a CUDA GPU: skipped, with the
+    reason, without one."""
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the files' order otherwise
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
         for item in items:
