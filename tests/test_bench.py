@@ -1,7 +1,8 @@
 """The benchmark runner (``mxa bench``): the smoke suite gates its operation-count ratios against their
 limits and reports its time ratios, the full suite's cases build and run (at batch 2, CPU providers),
-failures are caught and reported, and the micro-cases are timed with pytest-benchmark (their JSON is
-saved, see pyproject)."""
+failures are caught and reported, and the micro-cases are timed with pytest-benchmark in a
+single-process run (``-n 0``; their JSON is saved, see pyproject; across pytest-xdist's processes each runs
+once, untimed)."""
 
 import dataclasses
 import json
