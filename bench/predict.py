@@ -435,6 +435,7 @@ def format_calibration(result: dict) -> str:
 PROJECT_MODELS = ("mxa_efficientvit_m5",)
 
 
+@functools.cache  # predictions, triton_seconds and op_verdicts ask for the same counts
 def project_ops(name: str, batch: int, train: bool) -> tuple[list[Op], dict[str, list[range]]]:
     """The operations of one of the project's models (1 channel, 14 labels, 224 px, eager backend) on
     ``batch`` images, and in inference where each fused op's work is among them: the positions of each
@@ -472,6 +473,7 @@ def project_ops(name: str, batch: int, train: bool) -> tuple[list[Op], dict[str,
     return ops, spans
 
 
+@functools.cache
 def fused_cases(batch: int, train: bool) -> dict[str, list[tuple[str, list[tuple[list[Op], list[Op]]]]]]:
     """MXA-EfficientViT-M5's fused ops at its stage shapes (the cost report's cases, align mode): per op
     (the MXA branch; the cascade in inference, each head's windowed attention in training) and per stage,

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 # Kernel outputs start as NaN (see mxa_kernels/alloc.py), so that an element a kernel forgets fails.
 os.environ["MXA_POISON_EMPTY"] = "1"
 # One pytest-xdist process per core: each on one thread (and so the processes it starts, and Inductor's
-# compile workers), since two processes of two threads on two cores ran many times slower.
+# compile workers): with threads competing for the cores, the overlay tests took 30 s instead of 5 s.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     torch.set_num_threads(1)

@@ -195,7 +195,7 @@ def test_compiled_training_on_the_triton_backend_has_no_graph_break_and_eagers_l
     "aot_eager" backend (TorchDynamo's capture and AOTAutograd's forward and backward graphs, where a
     custom op breaks a graph or fails), not to Inductor, with which this test took ten minutes on two
     cores; tests/test_bench.py compiles the fused ops with Inductor. A small data set and batch: the fused
-    kernels take 90 % of the time in the interpreter, in proportion to the batch."""
+    kernels took 90 % of its time in the interpreter (cProfile), whose programs grow with the batch."""
     from mxa_model import cli
 
     data = str(generate(tmp_path / "synth", n_train=8, n_valid=2, img_size=64, seed=1, workers=1, progress=False))
